@@ -1,0 +1,50 @@
+"""Shared fixtures: the tiny backbone, real data paths (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SWAN = SHARED_DATA / "swan"
+CAMVID = SHARED_DATA / "camvid" / "0006R0"
+
+
+def _load_frames(paths: list[Path]) -> torch.Tensor:
+    arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W)
+
+
+@pytest.fixture(scope="session")
+def swan_frames() -> torch.Tensor:
+    """The 14-frame DAVIS swan clip, (14, 3, 480, 854) uint8."""
+    if not SWAN.is_dir():
+        pytest.skip(f"real data not present: {SWAN} (the shared data folder is only on project machines)")
+    return _load_frames(sorted(SWAN.glob("*.jpg")))
+
+
+@pytest.fixture(scope="session")
+def camvid_clip() -> tuple[torch.Tensor, torch.Tensor]:
+    """The first 30 frames of CamVid 0006R0 and their labels (void 11 -> 255)."""
+    if not CAMVID.is_dir():
+        pytest.skip(f"real data not present: {CAMVID} (the shared data folder is only on project machines)")
+    images = sorted((CAMVID / "images").glob("*.png"))[:30]
+    labels = np.stack([np.asarray(Image.open(CAMVID / "labels" / p.name)) for p in images]).astype(np.int64)
+    labels[labels == 11] = 255
+    return _load_frames(images), torch.from_numpy(labels)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from vss_lightning.pipeline.backbone import TinyStableDiffusion
+
+    return TinyStableDiffusion(seed=0).load("cpu")

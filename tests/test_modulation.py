@@ -1,0 +1,143 @@
+"""Masked modulation: injection/blending identities, locality, batching, the difference map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vss_lightning.pipeline.attention import AttentionControl
+from vss_lightning.pipeline.modulation import (
+    MaskedModulation,
+    ModulationSettings,
+    decoder_block_layer,
+    difference_maps,
+    gaussian_blur,
+    upsample_labels,
+)
+from vss_lightning.pipeline.sampler import DiffusionSampler
+
+FEAT = "up_blocks.2.attentions.1.transformer_blocks.0.attn1"
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_backbone):
+    """An unmodulated pass over 3 random 128x192 'frames' (latent 16x24, feature grid 8x12)."""
+    sm = DiffusionSampler(tiny_backbone, max_batch_images=64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 128, 192, generator=g) * 2 - 1
+    zt = sm.add_noise(sm.encode(x), torch.randn(3, 4, 16, 24, generator=g))
+    record = sm.unmodulated_pass(zt, AttentionControl(), [FEAT], 24)
+    return sm, record
+
+
+def test_decoder_block_names():
+    assert decoder_block_layer(7, "cross") == "up_blocks.2.attentions.1.transformer_blocks.0.attn2"
+    assert decoder_block_layer(11, "self") == "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
+    with pytest.raises(ValueError, match="decoder block"):
+        decoder_block_layer(2, "self")
+
+
+def test_zero_strength_with_injection_reproduces_the_unmodulated_pass(batch):
+    sm, record = batch
+    mm = MaskedModulation(ModulationSettings(strength=0.0), sm)
+    masks = torch.zeros(3, 8, 12)
+    masks[:, 2:6, 3:9] = 1
+    z = mm.run_units(record, torch.arange(3), masks, torch.ones(3))
+    torch.testing.assert_close(z, record.latents[24], rtol=0, atol=1e-6)
+
+
+def test_modulation_changes_latents_and_signs_differ(batch):
+    sm, record = batch
+    mm = MaskedModulation(ModulationSettings(strength=50.0, blend=False), sm)
+    masks = torch.ones(2, 8, 12)
+    z = mm.run_units(record, torch.tensor([0, 0]), masks, torch.tensor([1.0, -1.0]))
+    assert not torch.allclose(z[0], record.latents[24][0], atol=1e-3)
+    assert not torch.allclose(z[0], z[1], atol=1e-3)
+
+
+def test_blending_keeps_latents_outside_the_mask(batch):
+    sm, record = batch
+    mm = MaskedModulation(ModulationSettings(strength=50.0, blend_steps=[22, 23, 24]), sm)
+    masks = torch.zeros(1, 8, 12)
+    masks[0, 2:5, 4:8] = 1
+    z = mm.run_units(record, torch.tensor([1]), masks, torch.tensor([1.0]))
+    up = torch.nn.functional.interpolate(masks[:, None], size=(16, 24), mode="nearest")[0, 0].bool()
+    orig = record.latents[24][1]
+    assert torch.equal(z[0][:, ~up], orig[:, ~up])
+    assert not torch.allclose(z[0][:, up], orig[:, up], atol=1e-3)
+
+
+def test_difference_map_is_largest_inside_the_label_region(batch):
+    # Blending after every step confines the +/- difference to the mask in latent space; the VAE
+    # decoder spreads it only locally, so the map must peak inside the region.
+    sm, record = batch
+    mm = MaskedModulation(ModulationSettings(strength=50.0, blend_steps=[22, 23, 24], mask_filter=False), sm)
+    masks = torch.zeros(2, 8, 12)
+    masks[:, 1:4, 1:5] = 1  # top-left region
+    z = mm.run_units(record, torch.tensor([2, 2]), masks, torch.tensor([1.0, -1.0]))
+    img = sm.decode(z)
+    d = difference_maps(img[:1], img[1:], 5, 3.0)[0]  # (128, 192)
+    inside = d[16:64, 16:80].mean()
+    far = d[96:, 120:].mean()
+    assert d.max() == pytest.approx(1.0, abs=1e-4)
+    assert inside > 5 * far
+
+
+def test_gaussian_blur_matches_a_naive_reflect101_convolution():
+    x = torch.rand(2, 9, 11, dtype=torch.float64)
+    out = gaussian_blur(x, 5, 3.0).numpy()
+    k1 = np.exp(-((np.arange(5) - 2.0) ** 2) / 18.0)
+    k2 = np.outer(k1, k1) / np.outer(k1, k1).sum()
+    pad = np.pad(x.numpy(), ((0, 0), (2, 2), (2, 2)), mode="reflect")  # numpy 'reflect' == OpenCV REFLECT_101
+    ref = np.zeros_like(x.numpy())
+    for i in range(9):
+        for j in range(11):
+            ref[:, i, j] = (pad[:, i : i + 5, j : j + 5] * k2).sum((1, 2))
+    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def _coarse():
+    coarse = torch.zeros(3, 8, 12, dtype=torch.long)
+    coarse[:, :, 6:] = 4
+    coarse[0, :3, :4] = 9  # label 9 only in frame 0
+    return coarse
+
+
+def test_batched_equals_one_at_a_time_and_absent_labels_cost_nothing(batch, tiny_backbone, monkeypatch):
+    sm, record = batch
+    coarse = _coarse()
+    settings = ModulationSettings(strength=50.0)
+    big = MaskedModulation(settings, DiffusionSampler(tiny_backbone, max_batch_images=64)).labels(
+        record, coarse, (128, 192)
+    )
+    small_mm = MaskedModulation(settings, DiffusionSampler(tiny_backbone, max_batch_images=4))
+    seen = []
+    real = small_mm.run_units
+    monkeypatch.setattr(
+        small_mm, "run_units", lambda r, f, m, s: (seen.extend(f.tolist()), real(r, f, m, s))[1]
+    )
+    small = small_mm.labels(record, coarse, (128, 192))
+    assert torch.equal(big, small)
+    # frame 0 has labels {0, 4, 9}, frames 1-2 have {0, 4}: 7 (frame, label) units x 2 signs
+    assert sorted(seen) == sorted([0] * 6 + [1] * 4 + [2] * 4)
+    assert big.shape == (3, 128, 192)
+    for f in range(3):
+        assert set(big[f].unique().tolist()) <= set(coarse[f].unique().tolist())
+
+
+def test_no_modulation_is_bilinear_upsampling(batch):
+    sm, record = batch
+    coarse = _coarse()
+    labels = MaskedModulation(ModulationSettings(enabled=False), sm).labels(record, coarse, (128, 192))
+    assert torch.equal(labels, upsample_labels(coarse, (128, 192)))
+    nearest = coarse.repeat_interleave(16, 1).repeat_interleave(16, 2)
+    assert (labels == nearest).float().mean() > 0.9
+
+
+def test_settings_are_validated(batch):
+    sm, _ = batch
+    with pytest.raises(ValueError, match="modulation.steps"):
+        MaskedModulation(ModulationSettings(steps=[3]), sm)
+    with pytest.raises(ValueError, match="odd"):
+        gaussian_blur(torch.zeros(1, 4, 4), 4, 1.0)

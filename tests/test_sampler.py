@@ -1,0 +1,69 @@
+"""Noising, Euler CFG steps and the unmodulated pass against diffusers' scheduler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vss_lightning.pipeline.attention import AttentionControl
+from vss_lightning.pipeline.sampler import DiffusionSampler, resize_to_multiple
+
+
+def test_resize_to_multiple_floors_sizes():
+    frames = torch.randint(0, 256, (2, 3, 480, 854), dtype=torch.uint8)
+    x = resize_to_multiple(frames)
+    assert x.shape == (2, 3, 448, 832)
+    assert x.min() >= -1 and x.max() <= 1
+    same = resize_to_multiple(torch.full((1, 3, 128, 192), 255, dtype=torch.uint8))
+    assert same.shape == (1, 3, 128, 192) and torch.all(same == 1)
+    with pytest.raises(ValueError, match="at least 64x64"):
+        resize_to_multiple(torch.zeros((1, 3, 50, 200), dtype=torch.uint8))
+
+
+def test_schedule_is_trailing_and_noising_matches_diffusers(tiny_backbone):
+    sm = DiffusionSampler(tiny_backbone)
+    assert sm.timesteps.tolist() == [999 - 40 * i for i in range(25)]
+    assert list(sm.steps) == [22, 23, 24]
+    z0 = torch.randn(2, 4, 8, 8)
+    noise = torch.randn(2, 4, 8, 8)
+    sched = tiny_backbone.scheduler
+    ref = sched.add_noise(z0, noise, sched.timesteps[22:23])
+    torch.testing.assert_close(sm.add_noise(z0, noise), ref)
+
+
+def test_cfg_step_equals_diffusers_euler_step(tiny_backbone):
+    bb = tiny_backbone
+    sm = DiffusionSampler(bb, guidance_scale=5.0)
+    sched = bb.scheduler
+    x = torch.randn(3, 4, 8, 12, generator=torch.Generator().manual_seed(0))
+    ours = sm.cfg_step(x, 22)
+    sched.set_timesteps(25)
+    sched.set_begin_index(22)
+    t = sched.timesteps[22]
+    inp = sched.scale_model_input(torch.cat([x, x]), t)
+    emb = torch.cat([bb.uncond_embedding.expand(3, -1, -1), bb.cond_embedding.expand(3, -1, -1)])
+    with torch.no_grad():
+        eps = bb.unet(inp, t, encoder_hidden_states=emb).sample
+    eu, ec = eps.chunk(2)
+    ref = sched.step(eu + 5.0 * (ec - eu), t, x).prev_sample
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unmodulated_pass_records_every_decoder_layer_and_is_chunk_invariant(tiny_backbone):
+    z = torch.randn(3, 4, 8, 12, generator=torch.Generator().manual_seed(3))
+    feat = "up_blocks.2.attentions.1.transformer_blocks.0.attn1"
+    big = DiffusionSampler(tiny_backbone, max_batch_images=64).unmodulated_pass(
+        z, AttentionControl(), [feat], 24
+    )
+    small = DiffusionSampler(tiny_backbone, max_batch_images=2).unmodulated_pass(
+        z, AttentionControl(), [feat], 24
+    )
+    assert sorted(big.qk) == [22, 23, 24] and sorted(big.latents) == [22, 23, 24]
+    assert len(big.qk[22]) == 18  # 9 decoder transformer blocks x (self, cross)
+    q, k = big.qk[23][feat]
+    assert q.shape[:2] == (2, 3)  # (branch, frame, heads, tokens, head_dim)
+    assert big.features[feat].shape == (3, 4 * 6, q.shape[2] * q.shape[4])
+    for step in (22, 23, 24):
+        torch.testing.assert_close(big.latents[step], small.latents[step], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(big.qk[step][feat][0], small.qk[step][feat][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(big.features[feat], small.features[feat], rtol=1e-4, atol=1e-5)

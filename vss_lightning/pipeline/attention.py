@@ -1,0 +1,187 @@
+"""Attention processors that record, inject and modulate, keyed by layer name.
+
+One processor class (`ControlledAttnProcessor`) replaces diffusers' `AttnProcessor2_0` in the layers
+the method touches. It computes exactly what `AttnProcessor2_0` computes and, depending on the shared
+`AttentionControl` state, can
+
+- record the query and key of a layer (the unmodulated pass keeps them for injection),
+- capture the query as a feature map (the segmentation features),
+- inject a recorded query and key (so QK^T is that of the unmodulated pass),
+- add a modulation term to the attention output, after the output projection and before the
+  transformer block's residual add.
+
+Layer names are the UNet module paths without the `.processor` suffix, e.g.
+`up_blocks.2.attentions.1.transformer_blocks.0.attn2`. `installed_processors` installs processors by
+name with `unet.set_attn_processor` and restores the originals on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+_SUFFIX = ".processor"
+
+
+def decoder_attention_layers(unet: torch.nn.Module) -> list[str]:
+    """Names of every self- (attn1) and cross-attention (attn2) layer of the UNet's decoder."""
+    return [k[: -len(_SUFFIX)] for k in unet.attn_processors if k.startswith("up_blocks.")]
+
+
+@dataclass
+class AttentionControl:
+    """Shared, mutable state read by the processors during one UNet forward.
+
+    Attributes:
+        record: layer names whose (query, key) are stored into `recorded` at this forward.
+        recorded: layer name -> (query, key), each (batch, heads, tokens, head_dim).
+        capture: layer names whose query is stored into `captured` at this forward.
+        captured: layer name -> query (batch, tokens, channels).
+        inject: layer name -> (query, key) used instead of the computed ones.
+        modulation: layer name -> tensor broadcastable to the layer's output (batch, tokens, channels),
+            added after the output projection.
+    """
+
+    record: set[str] = field(default_factory=set)
+    recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    capture: set[str] = field(default_factory=set)
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)
+    inject: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    modulation: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.record = set()
+        self.recorded = {}
+        self.capture = set()
+        self.captured = {}
+        self.inject = {}
+        self.modulation = {}
+
+
+class ControlledAttnProcessor:
+    """`AttnProcessor2_0` with recording, capture, q/k injection and output modulation.
+
+    Args:
+        name: the layer name this processor is installed on.
+        control: the shared state; with an empty state the output equals `AttnProcessor2_0`'s.
+    """
+
+    def __init__(self, name: str, control: AttentionControl) -> None:
+        self.name = name
+        self.control = control
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        ctl = self.control
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)  # (batch, tokens, inner)
+        if self.name in ctl.capture:
+            ctl.captured[self.name] = query
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, N, d)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if self.name in ctl.record:
+            ctl.recorded[self.name] = (query, key)
+        injected = ctl.inject.get(self.name)
+        if injected is not None:
+            q_in, k_in = injected
+            if q_in.shape != query.shape or k_in.shape != key.shape:
+                raise ValueError(
+                    f"Expected injected q/k of `{self.name}` to have shapes {tuple(query.shape)} and "
+                    f"{tuple(key.shape)}, but got {tuple(q_in.shape)} and {tuple(k_in.shape)}."
+                )
+            query, key = q_in.to(query.dtype), k_in.to(key.dtype)
+
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        mod = ctl.modulation.get(self.name)
+        if mod is not None:
+            hidden_states = hidden_states + mod.to(hidden_states.dtype)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+
+@contextmanager
+def installed_processors(
+    unet: torch.nn.Module,
+    layers: list[str],
+    control: AttentionControl,
+    factory: Callable[[str, AttentionControl], object] = ControlledAttnProcessor,
+) -> Iterator[AttentionControl]:
+    """Install a controlled processor on each named layer; restore the original processors on exit.
+
+    Args:
+        unet: the UNet.
+        layers: layer names (module paths without `.processor`).
+        control: the shared state handed to every installed processor.
+        factory: builds the processor of a layer.
+
+    Raises:
+        KeyError: if a layer name is not an attention layer of the UNet.
+    """
+    original = dict(unet.attn_processors)
+    unknown = [n for n in layers if n + _SUFFIX not in original]
+    if unknown:
+        raise KeyError(
+            f"Expected attention layer names of this UNet (e.g. {next(iter(original))[: -len(_SUFFIX)]!r}), "
+            f"but got {unknown}."
+        )
+    procs = dict(original)
+    for name in layers:
+        procs[name + _SUFFIX] = factory(name, control)
+    unet.set_attn_processor(procs)
+    try:
+        yield control
+    finally:
+        unet.set_attn_processor(original)
+        control.reset()

@@ -1,0 +1,469 @@
+"""Scene context model: K-Means initialisation and an autoregressive KNN memory (METHOD.md §2, §8).
+
+The first batch of a video is clustered with K-Means; the first frame's points, labelled with their
+cluster id (or the majority ground-truth class of their cluster), form the memory of a KNN classifier
+that labels every frame of the batch. After each batch the memory is replaced by that batch's features
+and refined labels, so it never holds more than one batch whatever the video length.
+
+`knn_predict` reproduces scikit-learn's `KNeighborsClassifier(n_neighbors=k)` (uniform votes, brute
+force, Euclidean), ties included, on the tensors' device. How scikit-learn (1.3 to 1.9) predicts:
+
+- squared distances are computed directly, `sum_c (x_c - y_c) ** 2`, accumulated sequentially in float64;
+  for float32 inputs each difference is rounded to float32 and the sum is rounded to float32 at the end;
+- for each query the memory points are pushed, in index order, onto a fixed-size max-heap that rejects
+  a point whose distance is `>=` the heap's current maximum (`sklearn/utils/_heap.pyx::heap_push`), so
+  when several points share the k-th distance, which of them are kept depends on the heap's structure
+  (neither "lowest index" nor "highest index" in general);
+- the vote counts one per neighbour and a tied vote goes to the smallest label.
+
+Here distances come from one float64 matrix product per chunk of queries (fast, on any device). A
+query whose k-th and (k+1)-th distances are within the error bound of that product (or of
+scikit-learn's float32 rounding) is recomputed exactly as scikit-learn does and its neighbours are
+chosen by replaying the heap. The only remaining difference: scikit-learn's float64 sum is sequential
+and this one is sequential too, but a C compiler building scikit-learn with fused multiply-adds would
+round differently in the last bit; the stock wheels do not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from torch import Tensor
+
+_EPS64 = float(np.finfo(np.float64).eps)
+_EXACT_ROWS = 64  # ambiguous queries recomputed exactly at once (bounds an (rows, N) float64 buffer)
+
+
+def linf_normalize(features: Tensor) -> Tensor:
+    """Divide each feature vector by its largest absolute value (the reference's normalisation).
+
+    Args:
+        features: (..., C) features.
+
+    Returns:
+        (..., C) features with max-abs 1 per vector; an all-zero vector stays zero.
+    """
+    scale = features.abs().amax(dim=-1, keepdim=True)
+    return features / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def kmeans(features: Tensor, num_clusters: int, n_init: int = 10, max_iter: int = 300, seed: int = 0) -> Tensor:
+    """K-Means with scikit-learn on float64 CPU data (the reference's clustering).
+
+    Args:
+        features: (N, C) features.
+        num_clusters: number of clusters K, 1 <= K <= N.
+        n_init: K-Means restarts; the best inertia wins.
+        max_iter: Lloyd iterations per restart.
+        seed: `random_state`; the same seed gives the same clusters.
+
+    Returns:
+        (N,) int64 cluster ids in [0, K) on `features.device`.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"Expected `features` to be an (N, C) tensor, but got shape {tuple(features.shape)}.")
+    n = features.shape[0]
+    if not 1 <= num_clusters <= n:
+        raise ValueError(
+            f"Expected `num_clusters` to be between 1 and the number of points ({n}), but got {num_clusters}. "
+            "Lower the number of clusters or cluster more frames."
+        )
+    if n_init < 1:
+        raise ValueError(f"Expected `n_init` to be at least 1, but got {n_init}.")
+    data = features.detach().to("cpu", torch.float64).numpy()
+    labels = KMeans(n_clusters=num_clusters, n_init=n_init, max_iter=max_iter, random_state=seed).fit_predict(data)
+    return torch.from_numpy(labels.astype(np.int64)).to(features.device)
+
+
+def per_frame_kmeans(features: Tensor, num_clusters: int, n_init: int, seed: int) -> Tensor:
+    """The frame-by-frame baseline: K-Means on each frame independently (no context model).
+
+    Cluster ids are not consistent across frames; that is what the baseline shows.
+
+    Args:
+        features: (B, h, w, C) L-inf-normalised features.
+        num_clusters: K per frame.
+        n_init: K-Means restarts.
+        seed: K-Means seed (the same for every frame).
+
+    Returns:
+        (B, h, w) int64 cluster ids on `features.device`.
+    """
+    _check_grid_features(features)
+    b, h, w, c = features.shape
+    labels = [kmeans(frame.reshape(h * w, c), num_clusters, n_init=n_init, seed=seed) for frame in features]
+    return torch.stack(labels).reshape(b, h, w)
+
+
+def knn_predict(memory: Tensor, memory_labels: Tensor, queries: Tensor, k: int = 4, chunk_size: int = 4096) -> Tensor:
+    """k-nearest-neighbour classification equal to scikit-learn's `KNeighborsClassifier(n_neighbors=k)`.
+
+    Euclidean distance, uniform votes, a tied vote goes to the smallest label, equal distances are
+    resolved as scikit-learn's heap does (see the module docstring). Runs on the tensors' device.
+    float32 and float64 inputs reproduce scikit-learn's float32 and float64 paths; other dtypes are
+    computed as float32; mixed dtypes are promoted.
+
+    Args:
+        memory: (N, C) features of the labelled points.
+        memory_labels: (N,) int labels, any non-negative values.
+        queries: (M, C) features to classify.
+        k: number of neighbours, 1 <= k <= N.
+        chunk_size: queries per chunk; memory use is about chunk_size * N * 8 bytes.
+
+    Returns:
+        (M,) int64 predicted labels on the queries' device.
+    """
+    if memory.ndim != 2 or queries.ndim != 2 or memory.shape[1] != queries.shape[1]:
+        raise ValueError(
+            "Expected `memory` and `queries` to be (N, C) and (M, C) tensors with the same C, but got "
+            f"{tuple(memory.shape)} and {tuple(queries.shape)}."
+        )
+    if memory_labels.shape != memory.shape[:1] or memory_labels.is_floating_point():
+        raise ValueError(
+            f"Expected `memory_labels` to be an ({memory.shape[0]},) integer tensor, but got "
+            f"{memory_labels.dtype} of shape {tuple(memory_labels.shape)}."
+        )
+    n = memory.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"Expected `k` to be between 1 and the number of memory points ({n}), but got {k}.")
+    if chunk_size < 1:
+        raise ValueError(f"Expected `chunk_size` to be at least 1, but got {chunk_size}.")
+    dtype = torch.promote_types(memory.dtype, queries.dtype)
+    if dtype != torch.float64:
+        dtype = torch.float32
+    device = queries.device
+    memory = memory.detach().to(device, dtype)
+    queries = queries.detach().to(dtype)
+    classes, label_ids = torch.unique(memory_labels.to(device), sorted=True, return_inverse=True)
+    memory64 = memory.double()
+    memory_sq = memory64.square().sum(dim=1)  # (N,)
+    out = torch.empty(queries.shape[0], dtype=torch.int64, device=device)
+    for start in range(0, queries.shape[0], chunk_size):
+        chunk = queries[start : start + chunk_size]
+        neighbours = _nearest(chunk, memory, memory64, memory_sq, k)  # (m, k)
+        votes = torch.zeros(chunk.shape[0], classes.numel(), dtype=torch.int64, device=device)
+        votes.scatter_add_(1, label_ids[neighbours], torch.ones_like(neighbours))
+        out[start : start + chunk.shape[0]] = classes[votes.argmax(dim=1)]  # first max = smallest label
+    return out
+
+
+def _nearest(queries: Tensor, memory: Tensor, memory64: Tensor, memory_sq: Tensor, k: int) -> Tensor:
+    """(m, k) indices of the k nearest memory points of each query, as scikit-learn selects them."""
+    n, c = memory.shape
+    if n == k:
+        return torch.arange(n, device=memory.device).expand(queries.shape[0], n)
+    q64 = queries.double()
+    query_sq = q64.square().sum(dim=1)  # (m,)
+    dist = (q64 @ memory64.T).mul_(-2.0).add_(query_sq[:, None]).add_(memory_sq[None]).clamp_(min=0.0)
+    values, indices = dist.topk(k + 1, dim=1, largest=False, sorted=True)  # (m, k + 1)
+    del dist
+    # Bound on |this distance - scikit-learn's|: the matrix product's rounding, the float64 sequential
+    # sum, and for float32 the rounding of each difference and of the result (relative 2^-22).
+    abs_tol = 4.0 * (c + 2) * _EPS64 * (query_sq + memory_sq.max())
+    rel_tol = 2.0**-21 if memory.dtype == torch.float32 else 4.0 * (c + 2) * _EPS64
+    tol = abs_tol + rel_tol * values[:, k]
+    ambiguous = (values[:, k] - values[:, k - 1]) <= 2.0 * tol
+    neighbours = indices[:, :k]
+    if bool(ambiguous.any()):
+        neighbours = neighbours.clone()
+        rows = ambiguous.nonzero().squeeze(1)
+        for part in rows.split(_EXACT_ROWS):
+            exact = _sklearn_sq_distances(queries[part], memory).cpu().numpy()
+            picked = [_sklearn_heap_select(row, k) for row in exact]
+            neighbours[part] = torch.tensor(picked, dtype=torch.int64, device=memory.device)
+    return neighbours
+
+
+def _sklearn_sq_distances(queries: Tensor, memory: Tensor) -> Tensor:
+    """(m, N) float64 squared distances computed bit for bit as scikit-learn's `euclidean_rdist`.
+
+    Differences in the input dtype, squares summed over channels in order in float64, and for float32
+    inputs the sum rounded to float32 (`EuclideanDistance32.rdist` returns float32).
+    """
+    dist = torch.zeros(queries.shape[0], memory.shape[0], dtype=torch.float64, device=memory.device)
+    for ch in range(memory.shape[1]):
+        diff = (queries[:, ch, None] - memory[None, :, ch]).double()
+        dist += diff * diff
+    if memory.dtype == torch.float32:
+        dist = dist.float().double()
+    return dist
+
+
+def _sklearn_heap_select(distances: np.ndarray, k: int) -> list[int]:
+    """Replay `sklearn.utils._heap.heap_push` over the points in index order; return the kept indices."""
+    values = [math.inf] * k
+    kept = [0] * k
+    for index, value in enumerate(distances.tolist()):
+        if value >= values[0]:
+            continue
+        pos = 0
+        while True:
+            left = 2 * pos + 1
+            right = left + 1
+            if left >= k:
+                break
+            if right >= k:
+                if values[left] > value:
+                    child = left
+                else:
+                    break
+            elif values[left] >= values[right]:
+                if value < values[left]:
+                    child = left
+                else:
+                    break
+            elif value < values[right]:
+                child = right
+            else:
+                break
+            values[pos], kept[pos] = values[child], kept[child]
+            pos = child
+        values[pos], kept[pos] = value, index
+    return kept
+
+
+def resize_gt_to_grid(gt: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest resize of a label map, picking the same pixels as PIL's `Image.resize(..., NEAREST)`.
+
+    The reference resizes the ground truth with PIL; PIL samples source pixel
+    `int(scale / 2 + i * scale)` with the position accumulated in float64, which differs from
+    `torch.nn.functional.interpolate` in both "nearest" and (at rounding boundaries) "nearest-exact".
+
+    Args:
+        gt: (H, W) integer label map.
+        size: (h, w) output size.
+
+    Returns:
+        (h, w) label map with `gt`'s dtype and device.
+    """
+    if gt.ndim != 2:
+        raise ValueError(f"Expected `gt` to be an (H, W) label map, but got shape {tuple(gt.shape)}.")
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"Expected `size` to be a positive (h, w), but got {size}.")
+    rows = _pil_nearest_indices(gt.shape[0], size[0], gt.device)
+    cols = _pil_nearest_indices(gt.shape[1], size[1], gt.device)
+    return gt[rows][:, cols]
+
+
+def _pil_nearest_indices(n_in: int, n_out: int, device: torch.device) -> Tensor:
+    """Source index of each output pixel in PIL's nearest resize (`ImagingScaleAffine`)."""
+    scale = n_in / n_out
+    position = scale * 0.5
+    indices = []
+    for _ in range(n_out):
+        indices.append(min(int(position), n_in - 1))
+        position += scale
+    return torch.tensor(indices, dtype=torch.int64, device=device)
+
+
+def first_frame_gt_labels(clusters: Tensor, gt: Tensor, ignore_index: int = 255) -> Tensor:
+    """Give each cluster the majority ground-truth class of its pixels in frame 1.
+
+    `ignore_index` pixels do not vote (the reference counts them; this project does not, METHOD.md §8).
+    A cluster whose pixels are all `ignore_index` keeps no class. A tied vote goes to the smallest class.
+
+    Args:
+        clusters: (h, w) int64 cluster ids of frame 1 at the feature grid.
+        gt: (h, w) int ground truth of frame 1 at the feature grid.
+        ignore_index: the ground-truth value that does not vote.
+
+    Returns:
+        (h, w) int64 class ids, `ignore_index` on clusters without a class.
+    """
+    if clusters.ndim != 2 or gt.shape != clusters.shape:
+        raise ValueError(
+            "Expected `clusters` and `gt` to be (h, w) maps of the same shape, but got "
+            f"{tuple(clusters.shape)} and {tuple(gt.shape)}. Resize the ground truth with `resize_gt_to_grid`."
+        )
+    gt = gt.to(clusters.device, torch.int64)
+    cluster_ids, cluster_index = torch.unique(clusters.reshape(-1), return_inverse=True)
+    valid = gt.reshape(-1) != ignore_index
+    classes, class_index = torch.unique(gt.reshape(-1)[valid], sorted=True, return_inverse=True)
+    if classes.numel() == 0:
+        return torch.full_like(clusters, ignore_index, dtype=torch.int64)
+    counts = torch.zeros(cluster_ids.numel(), classes.numel(), dtype=torch.int64, device=clusters.device)
+    counts.index_put_(
+        (cluster_index[valid], class_index), torch.ones_like(class_index), accumulate=True
+    )  # (clusters, classes)
+    winner = torch.where(counts.sum(dim=1) > 0, classes[counts.argmax(dim=1)], ignore_index)
+    return winner[cluster_index].reshape(clusters.shape)
+
+
+def _check_grid_features(features: Tensor) -> None:
+    if features.ndim != 4:
+        raise ValueError(
+            f"Expected `features` to be a (B, h, w, C) tensor, but got shape {tuple(features.shape)}."
+        )
+
+
+class SceneContextModel:
+    """Autoregressive KNN memory (METHOD.md §2).
+
+    The memory holds the features and labels of the last batch (frame 1 of the first batch after
+    `initialise`), never more, so its size is bounded by one batch. Points labelled `ignore_index`
+    are never stored. Features are expected L-inf-normalised (`linf_normalize`).
+
+    Args:
+        num_clusters: K of the K-Means initialisation.
+        knn_k: neighbours of the KNN classifier.
+        kmeans_n_init: K-Means restarts.
+        seed: K-Means seed.
+        mode: "cluster" (labels are cluster ids) or "first_frame_gt" (each cluster takes the majority
+            ground-truth class of frame 1; labels are class ids).
+        ignore_index: the ground-truth value that carries no class.
+    """
+
+    def __init__(
+        self,
+        num_clusters: int = 20,
+        knn_k: int = 4,
+        kmeans_n_init: int = 10,
+        seed: int = 0,
+        mode: Literal["cluster", "first_frame_gt"] = "cluster",
+        ignore_index: int = 255,
+    ) -> None:
+        if num_clusters < 1:
+            raise ValueError(f"Expected `num_clusters` to be at least 1, but got {num_clusters}.")
+        if knn_k < 1:
+            raise ValueError(f"Expected `knn_k` to be at least 1, but got {knn_k}.")
+        if kmeans_n_init < 1:
+            raise ValueError(f"Expected `kmeans_n_init` to be at least 1, but got {kmeans_n_init}.")
+        if mode not in ("cluster", "first_frame_gt"):
+            raise ValueError(f"Expected `mode` to be 'cluster' or 'first_frame_gt', but got {mode!r}.")
+        self.num_clusters = num_clusters
+        self.knn_k = knn_k
+        self.kmeans_n_init = kmeans_n_init
+        self.seed = seed
+        self.mode = mode
+        self.ignore_index = ignore_index
+        self._memory: Tensor | None = None  # (N, C)
+        self._memory_labels: Tensor | None = None  # (N,)
+
+    @property
+    def initialised(self) -> bool:
+        """Whether the memory holds points (after `initialise` or `load_state_dict`)."""
+        return self._memory is not None
+
+    @property
+    def memory(self) -> tuple[Tensor, Tensor]:
+        """The memory: (N, C) features and (N,) int64 labels."""
+        if self._memory is None or self._memory_labels is None:
+            raise RuntimeError(self._uninitialised_message())
+        return self._memory, self._memory_labels
+
+    def initialise(self, features: Tensor, first_frame_gt: Tensor | None = None) -> Tensor:
+        """Cluster the first batch and store frame 1's labelled points as the memory.
+
+        Args:
+            features: (B, h, w, C) L-inf-normalised features of the first batch.
+            first_frame_gt: (h, w) ground truth of frame 1 at the feature grid (required in
+                "first_frame_gt" mode, ignored in "cluster" mode). A map of another size is resized
+                with `resize_gt_to_grid`.
+
+        Returns:
+            (h, w) int64 labels of frame 1 (`ignore_index` where no class).
+        """
+        _check_grid_features(features)
+        b, h, w, c = features.shape
+        clusters = kmeans(
+            features.reshape(b * h * w, c), self.num_clusters, n_init=self.kmeans_n_init, seed=self.seed
+        )[: h * w].reshape(h, w)  # K-Means on the whole batch, frame 1's assignments
+        if self.mode == "cluster":
+            labels = clusters
+        else:
+            if first_frame_gt is None:
+                raise ValueError(
+                    "Expected `first_frame_gt` to be frame 1's ground truth in 'first_frame_gt' mode, but got "
+                    "None. Pass it, or use mode='cluster'."
+                )
+            if first_frame_gt.ndim != 2:
+                raise ValueError(
+                    f"Expected `first_frame_gt` to be an (H, W) map, but got shape {tuple(first_frame_gt.shape)}."
+                )
+            gt = first_frame_gt.to(features.device, torch.int64)
+            if gt.shape != (h, w):
+                gt = resize_gt_to_grid(gt, (h, w))
+            labels = first_frame_gt_labels(clusters, gt, self.ignore_index)
+        if bool((labels == self.ignore_index).all()):
+            raise ValueError(
+                f"Expected frame 1's ground truth to have a valid class (not {self.ignore_index}) in at least one "
+                "cluster, but got none. Use a labelled first frame or mode='cluster'."
+            )
+        self._store(features[0], labels)
+        return labels
+
+    def predict(self, features: Tensor) -> Tensor:
+        """Label a batch with the KNN classifier fitted on the memory.
+
+        Args:
+            features: (B, h, w, C) L-inf-normalised features.
+
+        Returns:
+            (B, h, w) int64 coarse labels on `features.device`.
+        """
+        _check_grid_features(features)
+        memory, labels = self.memory
+        b, h, w, c = features.shape
+        if c != memory.shape[1]:
+            raise ValueError(f"Expected `features` to have {memory.shape[1]} channels, but got {c}.")
+        pred = knn_predict(memory.to(features.device), labels, features.reshape(b * h * w, c), k=self.knn_k)
+        return pred.reshape(b, h, w)
+
+    def update(self, features: Tensor, labels: Tensor) -> None:
+        """Replace the memory by this batch's features and labels (`ignore_index` points left out).
+
+        Args:
+            features: (B, h, w, C) L-inf-normalised features.
+            labels: (B, h, w) int labels (the refined coarse masks).
+        """
+        _check_grid_features(features)
+        if labels.shape != features.shape[:3]:
+            raise ValueError(
+                f"Expected `labels` to have shape {tuple(features.shape[:3])}, but got {tuple(labels.shape)}."
+            )
+        self._store(features, labels)
+
+    def _store(self, features: Tensor, labels: Tensor) -> None:
+        flat = features.detach().reshape(-1, features.shape[-1])  # (N, C)
+        flat_labels = labels.detach().reshape(-1).to(flat.device, torch.int64)
+        keep = flat_labels != self.ignore_index
+        if not bool(keep.any()):
+            raise ValueError(
+                f"Expected `labels` to have at least one point not equal to {self.ignore_index}, but got none."
+            )
+        self._memory = flat[keep].clone()
+        self._memory_labels = flat_labels[keep].clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The memory, to carry the context across clips of one video ({} before `initialise`)."""
+        if self._memory is None:
+            return {}
+        return {"memory": self._memory, "memory_labels": self._memory_labels}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a memory saved by `state_dict` ({} resets to uninitialised)."""
+        if not state_dict:
+            self._memory = self._memory_labels = None
+            return
+        memory, labels = state_dict.get("memory"), state_dict.get("memory_labels")
+        if not isinstance(memory, Tensor) or not isinstance(labels, Tensor) or memory.ndim != 2:
+            raise ValueError(
+                "Expected `state_dict` to hold an (N, C) 'memory' and (N,) 'memory_labels' tensor, but got keys "
+                f"{sorted(state_dict)}."
+            )
+        if labels.shape != memory.shape[:1]:
+            raise ValueError(
+                f"Expected 'memory_labels' to have shape ({memory.shape[0]},), but got {tuple(labels.shape)}."
+            )
+        self._memory = memory
+        self._memory_labels = labels.to(torch.int64)
+
+    def _uninitialised_message(self) -> str:
+        return (
+            "Expected the scene context model to be initialised, but got an empty memory. Call `initialise` on "
+            "the first batch (or `load_state_dict`) before `predict`."
+        )

@@ -1,0 +1,256 @@
+"""Masked attention modulation (METHOD.md section 4): full-resolution labels from coarse masks.
+
+For each (frame, label) with the label present in the frame's refined coarse mask and each sign
+c in {+lambda, -lambda}, a *unit* re-runs the steps of the unmodulated pass from the same noised
+latent with
+
+- modulation: `c * M_l` added to the output of one attention layer at the modulation step(s);
+- injection: every decoder attention uses the q/k the unmodulated pass computed at the same step;
+- latent blending after the blend steps: z <- U(M_l) z_mod + (1 - U(M_l)) z_orig.
+
+The final latents of the + and - units are decoded; the difference map (L2 over RGB, Gaussian blur,
+divided by its max, optional mask filter) of each label is compared per pixel and the argmax is the
+label. SD treats the frames of a batch independently, so units of different frames, labels and signs
+are batched freely (`max_batch_images`); a label absent from a frame costs nothing for that frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionControl, installed_processors
+from .sampler import DiffusionSampler, PassRecord
+
+
+def decoder_block_layer(block: int, attention: Literal["self", "cross"]) -> str:
+    """The diffusers layer name of an SD decoder ("output") block's attention.
+
+    The paper numbers the 12 decoder blocks 0..11 as the original SD code does; blocks 3..11 have
+    attention: block n is `up_blocks[n // 3].attentions[n % 3]`.
+    """
+    if not 3 <= block <= 11:
+        raise ValueError(f"Expected `block` to be a decoder block with attention (3..11), but got {block}.")
+    kind = {"self": "attn1", "cross": "attn2"}.get(attention)
+    if kind is None:
+        raise ValueError(f"Expected `attention` to be 'self' or 'cross', but got {attention!r}.")
+    return f"up_blocks.{block // 3}.attentions.{block % 3}.transformer_blocks.0.{kind}"
+
+
+@dataclass
+class ModulationSettings:
+    """Settings of the full-resolution step.
+
+    Attributes:
+        enabled: run masked modulation; False gives the "no modulation" baseline (bilinear
+            upsampling of the refined coarse masks' one-hot maps, argmax).
+        strength: lambda; units run with +lambda and -lambda.
+        steps: steps at which the modulation term is added (default: the first step, 22).
+        block: decoder block (paper numbering, 3..11) whose attention is modulated (7).
+        attention: modulate the block's "cross" (attn2) or "self" (attn1) attention.
+        inject: inject the unmodulated pass's q/k in every decoder attention at every step.
+        blend: latent blending after `blend_steps`.
+        blend_steps: steps after which latents are blended (22 and 23).
+        mask_filter: weight the difference map outside the label's mask by `filter_strength`.
+        filter_strength: s of the mask filter (0.7).
+        blur_kernel: size of the Gaussian blur of the difference map (5).
+        blur_sigma: sigma of that blur (3).
+    """
+
+    enabled: bool = True
+    strength: float = 50.0
+    steps: list[int] = field(default_factory=lambda: [22])
+    block: int = 7
+    attention: Literal["self", "cross"] = "cross"
+    inject: bool = True
+    blend: bool = True
+    blend_steps: list[int] = field(default_factory=lambda: [22, 23])
+    mask_filter: bool = True
+    filter_strength: float = 0.7
+    blur_kernel: int = 5
+    blur_sigma: float = 3.0
+
+    @property
+    def layer(self) -> str:
+        return decoder_block_layer(self.block, self.attention)
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, H, W) maps with reflect-101 borders (OpenCV's default)."""
+    if kernel_size <= 1:
+        return x
+    if kernel_size % 2 == 0:
+        raise ValueError(f"Expected `blur_kernel` to be odd, but got {kernel_size}.")
+    r = kernel_size // 2
+    coords = torch.arange(kernel_size, dtype=torch.float64, device=x.device) - r
+    k = torch.exp(-(coords**2) / (2 * sigma**2))
+    k = (k / k.sum()).to(x.dtype)
+    y = x.unsqueeze(1)  # (N, 1, H, W)
+    y = F.pad(y, (r, r, 0, 0), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1))
+    y = F.pad(y, (0, 0, r, r), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, -1, 1))
+    return y.squeeze(1)
+
+
+def difference_maps(plus: torch.Tensor, minus: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """(N, 3, H, W) decoded images of + and - units -> (N, H, W) blurred L2 difference, max-normalised."""
+    d = (plus.float() - minus.float()).pow(2).sum(1).sqrt()
+    d = gaussian_blur(d, kernel_size, sigma)
+    return d / (d.flatten(1).amax(1).view(-1, 1, 1) + 1e-5)
+
+
+def _to_grid(mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(N, h, w) float masks at the feature grid -> (N, tokens, 1) at a layer's token grid (nearest)."""
+    n, h, w = mask.shape
+    scale = math.sqrt(tokens / (h * w))
+    gh, gw = round(h * scale), round(w * scale)
+    if gh * gw != tokens:
+        raise ValueError(f"Expected a layer grid proportional to {h}x{w}, but got {tokens} tokens.")
+    if (gh, gw) != (h, w):
+        mask = F.interpolate(mask[:, None], size=(gh, gw), mode="nearest")[:, 0]
+    return mask.reshape(n, tokens, 1)
+
+
+class MaskedModulation:
+    """Runs the modulated units of one batch and turns them into full-resolution labels.
+
+    Args:
+        settings: the modulation settings.
+        sampler: the sampler of the loaded backbone (its `max_batch_images` bounds each forward).
+    """
+
+    def __init__(self, settings: ModulationSettings, sampler: DiffusionSampler) -> None:
+        self.s = settings
+        self.sampler = sampler
+        steps = list(sampler.steps)
+        for name, values in (("steps", settings.steps), ("blend_steps", settings.blend_steps)):
+            bad = [v for v in values if v not in steps]
+            if bad:
+                raise ValueError(f"Expected `modulation.{name}` to be within {steps}, but got {bad}.")
+        self.layer = settings.layer
+        if self.layer not in sampler.layers:
+            raise ValueError(
+                f"Expected the modulated layer {self.layer!r} to be a decoder attention of the UNet."
+            )
+
+    # -- one chunk of units ---------------------------------------------------------------------
+    @torch.no_grad()
+    def run_units(
+        self, record: PassRecord, frame_idx: torch.Tensor, masks: torch.Tensor, signs: torch.Tensor
+    ) -> torch.Tensor:
+        """Run modulated units in one batch and return their final latents.
+
+        Args:
+            record: the unmodulated pass of the batch.
+            frame_idx: (U,) frame index of each unit.
+            masks: (U, h, w) float 0/1 mask of the unit's label at the feature grid.
+            signs: (U,) +1 or -1.
+
+        Returns:
+            (U, 4, H/8, W/8) latents after the last step.
+        """
+        sm = self.sampler
+        dev = record.start_latent.device
+        frame_idx = frame_idx.to(dev)
+        masks = masks.to(dev)
+        x = record.start_latent[frame_idx]
+        lat_mask = F.interpolate(masks[:, None], size=x.shape[-2:], mode="nearest")  # (U, 1, h8, w8)
+        control = AttentionControl()
+        with installed_processors(sm.bb.unet, sm.layers, control):
+            for step in sm.steps:
+                control.reset()
+                if self.s.inject:
+                    control.inject = {
+                        name: (q[:, frame_idx].flatten(0, 1), k[:, frame_idx].flatten(0, 1))
+                        for name, (q, k) in record.qk[step].items()
+                    }
+                if step in self.s.steps:
+                    q_tokens = record.qk[step][self.layer][0].shape[-2] if record.qk else None
+                    tokens = q_tokens or self._tokens(x)
+                    mod = _to_grid(masks, tokens) * (signs.to(dev).view(-1, 1, 1) * self.s.strength)
+                    control.modulation = {self.layer: torch.cat([mod, mod])}  # both CFG branches
+                x = sm.cfg_step(x, step)
+                if self.s.blend and step in self.s.blend_steps:
+                    orig = record.latents[step][frame_idx]
+                    x = lat_mask * x + (1 - lat_mask) * orig
+            control.reset()
+        return x
+
+    def _tokens(self, x: torch.Tensor) -> int:
+        # Token count of the modulated layer when no q/k was recorded: from its UNet level.
+        level = int(self.layer.split(".")[1])  # up_blocks.<level>
+        n_up = len(self.sampler.bb.unet.up_blocks)
+        down = 2 ** (n_up - 1 - level)
+        return (x.shape[-2] // down) * (x.shape[-1] // down)
+
+    # -- a whole batch ------------------------------------------------------------------------
+    @torch.no_grad()
+    def labels(self, record: PassRecord, coarse: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Full-resolution labels of a batch from its refined coarse masks.
+
+        Args:
+            record: the unmodulated pass of the batch.
+            coarse: (B, h, w) int64 refined coarse labels at the feature grid.
+            image_size: (H, W) of the resized frames (the VAE's output size).
+
+        Returns:
+            (B, H, W) int64 labels, each a label of the frame's coarse mask.
+        """
+        if not self.s.enabled:
+            return upsample_labels(coarse, image_size)
+        b = coarse.shape[0]
+        dev = coarse.device
+        # Units: (frame, label) pairs present in the coarse masks, in label-then-frame order.
+        frame_list, label_list = [], []
+        for label in coarse.unique().tolist():
+            present = (coarse == label).flatten(1).any(1).nonzero().flatten()
+            frame_list.append(present)
+            label_list.append(torch.full_like(present, label))
+        frames = torch.cat(frame_list)
+        labels = torch.cat(label_list)
+        masks = (coarse[frames] == labels.view(-1, 1, 1)).float()
+        n_units = frames.shape[0]
+        per_chunk = max(1, self.sampler.max_batch_images // 4)  # 2 signs x 2 CFG branches per unit
+        h_img, w_img = image_size
+        scores = torch.full((b, h_img, w_img), float("-inf"), device=dev)
+        best = torch.zeros((b, h_img, w_img), dtype=torch.long, device=dev)
+        for start in range(0, n_units, per_chunk):
+            sl = slice(start, start + per_chunk)
+            f, m, lab = frames[sl], masks[sl], labels[sl]
+            n = f.shape[0]
+            signs = torch.cat([torch.ones(n), -torch.ones(n)])
+            z = self.run_units(record, torch.cat([f, f]), torch.cat([m, m]), signs)
+            img = self.sampler.decode(z)  # (2n, 3, H, W)
+            d = difference_maps(img[:n], img[n:], self.s.blur_kernel, self.s.blur_sigma).to(dev)
+            if self.s.mask_filter:
+                smooth = F.interpolate(m[:, None], size=(h_img, w_img), mode="bilinear", align_corners=False)[
+                    :, 0
+                ]
+                d = d * smooth + self.s.filter_strength * d * (1 - smooth)
+            for i in range(n):  # running argmax; ties keep the smaller label (labels ascend)
+                fi = int(f[i])
+                better = d[i] > scores[fi]
+                scores[fi] = torch.where(better, d[i], scores[fi])
+                best[fi] = torch.where(better, lab[i], best[fi])
+        return best
+
+
+def upsample_labels(coarse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The "no modulation" baseline: bilinear upsampling of one-hot coarse masks, then argmax.
+
+    Args:
+        coarse: (B, h, w) int64 labels.
+        size: (H, W) output size.
+
+    Returns:
+        (B, H, W) int64 labels.
+    """
+    values = coarse.unique()
+    onehot = (coarse[:, None] == values.view(1, -1, 1, 1)).float()  # (B, L, h, w)
+    up = F.interpolate(onehot, size=size, mode="bilinear", align_corners=False)
+    return values[up.argmax(1)]

@@ -1,0 +1,364 @@
+"""The orchestrator: a video in, one label map per frame out (METHOD.md sections 0-4).
+
+`VideoSegmenter` holds settings only (cheap to construct, so LightningCLI can print and parse it);
+`load(device)` builds the backbone. `iter_segment` streams a video batch by batch (B frames), each
+frame emitted once, memory bounded by one batch whatever the video length; `segment` collects the
+labels of a whole video or clip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionControl
+from .backbone import Backbone, LoadedBackbone, StableDiffusion
+from .context import SceneContextModel, linf_normalize, per_frame_kmeans, resize_gt_to_grid
+from .modulation import MaskedModulation, ModulationSettings, decoder_block_layer
+from .refine import correspondence_refine
+from .sampler import DiffusionSampler, resize_to_multiple
+
+LabelMode = Literal["cluster", "first_frame_gt"]
+
+
+@dataclass
+class VideoState:
+    """What carries over from one clip of a video to the next (the context model's memory)."""
+
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchLabels:
+    """Labels of the frames a batch emits.
+
+    Attributes:
+        indices: indices (in the input) of the emitted frames.
+        labels: (n, H, W) int64 labels at the input frames' size, on the CPU.
+        coarse: (n, h, w) int64 refined coarse labels at the feature grid, on the CPU.
+    """
+
+    indices: list[int]
+    labels: torch.Tensor
+    coarse: torch.Tensor
+
+
+@dataclass
+class Segmentation:
+    """Result of `VideoSegmenter.segment`.
+
+    Attributes:
+        labels: (T, H, W) int64 label maps at the input size (CPU).
+        coarse: (T, h, w) int64 refined coarse labels (CPU).
+        state: the state to pass with the next clip of the same video.
+        seconds: wall-clock seconds per stage.
+    """
+
+    labels: torch.Tensor
+    coarse: torch.Tensor
+    state: VideoState
+    seconds: dict[str, float]
+
+
+def batch_starts(num_frames: int, batch_size: int) -> list[int]:
+    """Start indices of the batches: consecutive, the last one is the last B frames (may overlap)."""
+    if num_frames <= batch_size:
+        return [0]
+    starts = list(range(0, num_frames, batch_size))
+    starts[-1] = num_frames - batch_size
+    return starts
+
+
+def noise_seed(seed: int, key: str, start: int) -> int:
+    """A 63-bit seed from the global seed, the video key and the batch start (rank independent)."""
+    digest = hashlib.sha256(f"{seed}\x00{key}\x00{start}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class VideoSegmenter:
+    """Zero-shot video semantic segmentation with a Stable Diffusion backbone.
+
+    Args:
+        backbone: the diffusion backbone (default: Stable Diffusion 2.1-base from the hub).
+        batch_size: B, frames per batch (14).
+        num_clusters: K of the K-Means initialisation (20).
+        context: "autoregressive" (K-Means init + KNN memory, the method) or "per_frame_kmeans"
+            (the frame-by-frame baseline: K-Means on every frame independently).
+        knn_k: neighbours of the KNN classifier (4).
+        kmeans_n_init: K-Means restarts (10).
+        num_inference_steps: length of the schedule (25).
+        noise_step: step index whose noise level the frames are noised to (22, t = 119).
+        feature_step: step whose queries are the features (24, t = 39).
+        guidance_scale: classifier-free guidance scale (5).
+        feature_blocks: decoder blocks (paper numbering) whose self-attention queries are averaged
+            when `aggregate_features` (6, 7, 8).
+        aggregate_features: average the `feature_blocks` features; else use `single_feature_block`.
+        single_feature_block: the feature block without aggregation (7).
+        cbr: run correspondence-based refinement.
+        cbr_block: the block whose features CBR matches (7).
+        cbr_weighting: "reference" (a = q / (q + 1)) or "uniform" (a = 1, pure chaining).
+        jump_filter: drop tracks that move more than `max_jump` cells: "both" directions,
+            "reference" (positive jumps only) or "none".
+        max_jump: the largest allowed move per step, in grid cells (1).
+        modulation: full-resolution step settings (default: `ModulationSettings()`).
+        max_batch_images: most images in one UNet forward (CFG branches count): the memory budget.
+        vae_batch_images: most images in one VAE encode/decode.
+        seed: global seed (the noise of a batch is seeded from it, the video key and batch start).
+        ignore_index: ground-truth value that means "no class" (255).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone | None = None,
+        batch_size: int = 14,
+        num_clusters: int = 20,
+        context: Literal["autoregressive", "per_frame_kmeans"] = "autoregressive",
+        knn_k: int = 4,
+        kmeans_n_init: int = 10,
+        num_inference_steps: int = 25,
+        noise_step: int = 22,
+        feature_step: int = 24,
+        guidance_scale: float = 5.0,
+        feature_blocks: tuple[int, ...] = (6, 7, 8),
+        aggregate_features: bool = True,
+        single_feature_block: int = 7,
+        cbr: bool = True,
+        cbr_block: int = 7,
+        cbr_weighting: Literal["reference", "uniform"] = "reference",
+        jump_filter: Literal["both", "reference", "none"] = "both",
+        max_jump: int = 1,
+        modulation: ModulationSettings | None = None,
+        max_batch_images: int = 56,
+        vae_batch_images: int = 8,
+        seed: int = 0,
+        ignore_index: int = 255,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"Expected `batch_size` to be at least 1, but got {batch_size}.")
+        if num_clusters < 1:
+            raise ValueError(f"Expected `num_clusters` to be at least 1, but got {num_clusters}.")
+        if not 0 <= noise_step <= feature_step < num_inference_steps:
+            raise ValueError(
+                "Expected 0 <= `noise_step` <= `feature_step` < `num_inference_steps`, but got "
+                f"{noise_step}, {feature_step}, {num_inference_steps}."
+            )
+        self.backbone = backbone if backbone is not None else StableDiffusion()
+        self.batch_size = batch_size
+        self.num_clusters = num_clusters
+        self.context = context
+        self.knn_k = knn_k
+        self.kmeans_n_init = kmeans_n_init
+        self.num_inference_steps = num_inference_steps
+        self.noise_step = noise_step
+        self.feature_step = feature_step
+        self.guidance_scale = guidance_scale
+        self.feature_blocks = tuple(feature_blocks)
+        self.aggregate_features = aggregate_features
+        self.single_feature_block = single_feature_block
+        self.cbr = cbr
+        self.cbr_block = cbr_block
+        self.cbr_weighting = cbr_weighting
+        self.jump_filter = jump_filter
+        self.max_jump = max_jump
+        self.modulation = modulation if modulation is not None else ModulationSettings()
+        self.max_batch_images = max_batch_images
+        self.vae_batch_images = vae_batch_images
+        self.seed = seed
+        self.ignore_index = ignore_index
+        blocks = self.feature_blocks if aggregate_features else (single_feature_block,)
+        self.feature_layers = [decoder_block_layer(b, "self") for b in blocks]
+        self.cbr_layer = decoder_block_layer(cbr_block, "self")
+        self._loaded: LoadedBackbone | None = None
+        self._sampler: DiffusionSampler | None = None
+        self._modulation: MaskedModulation | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def load(self, device: torch.device | str = "cpu") -> VideoSegmenter:
+        """Load the backbone on `device` (the heavy part); returns self."""
+        self._loaded = self.backbone.load(device)
+        self._sampler = DiffusionSampler(
+            self._loaded,
+            num_inference_steps=self.num_inference_steps,
+            start_step=self.noise_step,
+            guidance_scale=self.guidance_scale,
+            max_batch_images=self.max_batch_images,
+            vae_batch_images=self.vae_batch_images,
+        )
+        self._modulation = MaskedModulation(self.modulation, self._sampler)
+        return self
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    @property
+    def device(self) -> torch.device:
+        self._require_loaded()
+        return self._loaded.device
+
+    @property
+    def sampler(self) -> DiffusionSampler:
+        self._require_loaded()
+        return self._sampler
+
+    def _require_loaded(self) -> None:
+        if self._loaded is None:
+            raise RuntimeError("Expected the segmenter to be loaded, but `load(device)` was not called.")
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting that changes the labels (for hashing outputs)."""
+        d = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "backbone"}
+        d["modulation"] = vars(self.modulation).copy()
+        d["backbone"] = self.backbone.description
+        return d
+
+    # -- the method -----------------------------------------------------------------------------
+    def _validate(self, frames: torch.Tensor, first_frame_gt: torch.Tensor | None) -> None:
+        if not isinstance(frames, torch.Tensor) or frames.dim() != 4:
+            shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+            raise ValueError(f"Expected `frames` to be a (T, 3, H, W) uint8 tensor, but got {shape}.")
+        if frames.shape[0] == 0:
+            raise ValueError("Expected `frames` to hold at least one frame, but the video is empty.")
+        if frames.shape[1] != 3:
+            raise ValueError(
+                f"Expected `frames` to be RGB with 3 channels (T, 3, H, W), but got {frames.shape[1]} "
+                f"channels (shape {tuple(frames.shape)}). Convert grey or RGBA frames to RGB."
+            )
+        if frames.dtype != torch.uint8:
+            raise ValueError(f"Expected `frames` to be uint8 in [0, 255], but got {frames.dtype}.")
+        if first_frame_gt is not None and tuple(first_frame_gt.shape) != tuple(frames.shape[-2:]):
+            raise ValueError(
+                f"Expected `first_frame_gt` to be (H, W) = {tuple(frames.shape[-2:])} like the frames, "
+                f"but got {tuple(first_frame_gt.shape)}."
+            )
+
+    def _features(self, record, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        def to_grid(q: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, h, w, C)
+            return q.float().unflatten(1, grid)
+
+        feats = torch.stack([to_grid(record.features[n]) for n in self.feature_layers]).mean(0)
+        cbr = to_grid(record.features[self.cbr_layer]) if self.cbr_layer in record.features else feats
+        return linf_normalize(feats), cbr
+
+    @torch.no_grad()
+    def iter_segment(
+        self,
+        frames: torch.Tensor,
+        first_frame_gt: torch.Tensor | None = None,
+        state: VideoState | None = None,
+        key: str = "",
+        seconds: dict[str, float] | None = None,
+    ) -> Iterator[BatchLabels]:
+        """Segment a video batch by batch, yielding each frame's labels once.
+
+        Args:
+            frames: (T, 3, H, W) uint8 RGB frames (any device).
+            first_frame_gt: (H, W) int ground truth of frame 0 for the `first_frame_gt` label mode
+                (labels are then class ids); None for `cluster` mode (labels are cluster ids).
+            state: the state returned for the previous clip of the same video, or None.
+            key: identifies the video/clip for seeding (e.g. "<video_id>:<frame_offset>"), so a
+                video's labels do not depend on where or when it is processed.
+            seconds: if given, wall-clock seconds per stage are added to it.
+
+        Yields:
+            `BatchLabels` in frame order; a state update is written into `state` if given.
+        """
+        self._require_loaded()
+        self._validate(frames, first_frame_gt)
+        sm, dev = self._sampler, self.device
+        seconds = seconds if seconds is not None else {}
+        mode = "first_frame_gt" if first_frame_gt is not None else "cluster"
+        ctx = SceneContextModel(
+            num_clusters=self.num_clusters,
+            knn_k=self.knn_k,
+            kmeans_n_init=self.kmeans_n_init,
+            seed=self.seed,
+            mode=mode,
+            ignore_index=self.ignore_index,
+        )
+        if state is not None and state.context:
+            ctx.load_state_dict(state.context)
+        t_total, (h_in, w_in) = frames.shape[0], frames.shape[-2:]
+        emitted = 0
+        control = AttentionControl()
+
+        def tick(stage: str, t0: float) -> float:
+            now = time.perf_counter()
+            seconds[stage] = seconds.get(stage, 0.0) + now - t0
+            return now
+
+        for start in batch_starts(t_total, self.batch_size):
+            t0 = time.perf_counter()
+            end = min(start + self.batch_size, t_total)
+            x = resize_to_multiple(frames[start:end].to(dev))  # (B, 3, H', W') in [-1, 1]
+            size = tuple(x.shape[-2:])
+            grid = (size[0] // 16, size[1] // 16)
+            z0 = sm.encode(x)
+            gen = torch.Generator().manual_seed(noise_seed(self.seed, key, start))
+            noise = torch.randn(z0.shape, generator=gen, dtype=torch.float32)
+            zt = sm.add_noise(z0.float(), noise.to(dev))
+            t0 = tick("encode", t0)
+            keep_qk = self.modulation.enabled and self.modulation.inject
+            record = sm.unmodulated_pass(
+                zt, control, self.feature_layers + [self.cbr_layer], self.feature_step, keep_qk=keep_qk
+            )
+            feats, cbr_feats = self._features(record, grid)
+            t0 = tick("features", t0)
+            if self.context == "per_frame_kmeans":
+                coarse = per_frame_kmeans(feats, self.num_clusters, self.kmeans_n_init, self.seed)
+            else:
+                if not ctx.initialised:
+                    gt = None
+                    if first_frame_gt is not None:
+                        gt = resize_gt_to_grid(first_frame_gt.to(dev).long(), grid)
+                    ctx.initialise(feats, gt)
+                coarse = ctx.predict(feats)
+            t0 = tick("context", t0)
+            if self.cbr:
+                coarse = correspondence_refine(
+                    cbr_feats,
+                    coarse,
+                    weighting=self.cbr_weighting,
+                    jump_filter=self.jump_filter,
+                    max_jump=self.max_jump,
+                )
+            if self.context != "per_frame_kmeans":
+                ctx.update(feats, coarse)
+            t0 = tick("cbr", t0)
+            full = self._modulation.labels(record, coarse, size)  # (B, H', W')
+            del record
+            t0 = tick("modulation", t0)
+            if size != (h_in, w_in):
+                full = F.interpolate(full[:, None].float(), size=(h_in, w_in), mode="nearest")[:, 0].long()
+            new = max(emitted, start) - start
+            tick("resize", t0)
+            yield BatchLabels(
+                indices=list(range(start + new, end)), labels=full[new:].cpu(), coarse=coarse[new:].cpu()
+            )
+            emitted = end
+        if state is not None:
+            state.context = ctx.state_dict() if self.context != "per_frame_kmeans" else {}
+
+    def segment(
+        self,
+        frames: torch.Tensor,
+        first_frame_gt: torch.Tensor | None = None,
+        state: VideoState | None = None,
+        key: str = "",
+    ) -> Segmentation:
+        """Segment a whole video (or clip); see `iter_segment` for the arguments."""
+        state = state if state is not None else VideoState()
+        seconds: dict[str, float] = {}
+        t, h, w = frames.shape[0], frames.shape[-2], frames.shape[-1]
+        labels = torch.empty((t, h, w), dtype=torch.long)
+        coarse_parts = []
+        for out in self.iter_segment(frames, first_frame_gt, state, key, seconds):
+            labels[out.indices] = out.labels
+            coarse_parts.append(out.coarse)
+        return Segmentation(labels=labels, coarse=torch.cat(coarse_parts), state=state, seconds=seconds)
