@@ -1,0 +1,224 @@
+"""`python -m vss_lightning.evaluate` end to end on tiny shards written in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from vss_lightning.data.format import IGNORE_INDEX, VideoMeta, encode_png, encode_sample
+from vss_lightning.evaluate import EvaluationError, evaluate
+from vss_lightning.metrics import VideoSegmentationMetrics
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 5  # class 4 never occurs in the GT
+
+
+def make_videos(seed: int = 0) -> list[dict]:
+    """Videos as arrays: all-frame GT (255 where unlabelled), which frames are labelled, predictions."""
+    rng = np.random.default_rng(seed)
+    videos = []
+    specs = [
+        ("vid_a", 20, (6, 8), 2),
+        ("vid_b", 9, (5, 7), 1),
+        ("vid_c", 4, (4, 4), 1),
+        ("vid_d", 26, (6, 5), 1),
+    ]
+    for video_id, frames, (h, w), clips in specs:
+        gt = np.empty((frames, h, w), dtype=np.int64)
+        gt[0] = rng.integers(0, NUM_CLASSES - 1, size=(h, w))
+        for f in range(1, frames):
+            gt[f] = np.where(
+                rng.random((h, w)) < 0.05, rng.integers(0, NUM_CLASSES - 1, size=(h, w)), gt[f - 1]
+            )
+        gt[:, rng.random((h, w)) < 0.1] = IGNORE_INDEX  # void regions
+        gt[rng.random(gt.shape) < 0.01] = IGNORE_INDEX
+        labelled = sorted(rng.choice(frames, size=max(1, frames * 3 // 4), replace=False).tolist())
+        if video_id == "vid_c":
+            labelled = []  # no label at all: not scored, not counted
+        if video_id == "vid_a":
+            gt[labelled[1]] = IGNORE_INDEX  # a label file that is all void still counts as labelled (VSPW)
+        noise = (rng.random((1, h, w)) < 0.2) | (rng.random(gt.shape) < 0.02)  # mostly static errors
+        pred = np.where(noise, rng.integers(0, NUM_CLASSES, size=gt.shape), np.where(gt == 255, 0, gt))
+        if video_id == "vid_d":
+            pred = pred + 300  # uint16 prediction ids (out of range for matching none: wrong)
+        videos.append(dict(id=video_id, gt=gt, labelled=labelled, pred=pred, clips=clips))
+    return videos
+
+
+def write_shards(root: Path, videos: list[dict]) -> str:
+    """Write the videos (vid_a split into 2 clips, in 2 shards) and return a brace pattern."""
+    root.mkdir(parents=True, exist_ok=True)
+    writers = [wds.TarWriter(str(root / f"val-{i:06d}.tar")) for i in range(2)]
+    for v_index, v in enumerate(videos):
+        frames, h, w = v["gt"].shape
+        bounds = np.linspace(0, frames, v["clips"] + 1).astype(int)
+        for clip in range(v["clips"]):
+            lo, hi = int(bounds[clip]), int(bounds[clip + 1])
+            meta = VideoMeta(
+                video_id=v["id"],
+                frame_names=[f"{i:05d}" for i in range(lo, hi)],
+                sizes=[(h, w)] * (hi - lo),
+                labelled=[i - lo for i in v["labelled"] if lo <= i < hi],
+                label_set=sorted(int(c) for c in np.unique(v["gt"]) if c != IGNORE_INDEX),
+                source="test",
+                clip_index=clip,
+                num_clips=v["clips"],
+                frame_offset=lo,
+                num_classes=NUM_CLASSES,
+            )
+            rgb = encode_png(np.zeros((h, w, 3), dtype=np.uint8))
+            labels = {i - lo: encode_png(v["gt"][i].astype(np.uint8)) for i in v["labelled"] if lo <= i < hi}
+            writers[(v_index + clip) % 2].write(encode_sample(meta, [(rgb, "png")] * (hi - lo), labels))
+    for writer in writers:
+        writer.close()
+    return str(root / "val-{000000..000001}.tar")
+
+
+def write_predictions(root: Path, videos: list[dict]) -> None:
+    for v in videos:
+        (root / v["id"]).mkdir(parents=True, exist_ok=True)
+        dtype = np.uint16 if v["pred"].max() > 255 else np.uint8
+        for f in range(len(v["pred"])):  # every frame, as the labeller writes them
+            Image.fromarray(v["pred"][f].astype(dtype)).save(root / v["id"] / f"{f:05d}.png")
+
+
+def expected(videos: list[dict], matching: str = "none", wrong: tuple[str, int] | None = None) -> dict:
+    """The in-process metrics on the labelled frames (optionally one frame predicted as missing)."""
+    metrics = VideoSegmentationMetrics(NUM_CLASSES, matching=matching, max_pred_ids=512)
+    for v in videos:
+        if not v["labelled"]:
+            continue
+        pred = torch.from_numpy(v["pred"][v["labelled"]]).clone()
+        if wrong and wrong[0] == v["id"]:
+            pred[v["labelled"].index(wrong[1])] = -1
+        gt = torch.from_numpy(v["gt"][v["labelled"]])
+        metrics.update(pred, gt, torch.ones(len(v["labelled"]), dtype=torch.bool))
+    return metrics.compute()
+
+
+def assert_same(got: dict, want: dict) -> None:
+    for key in ("mIoU", "pixel_acc", "mVC8", "mVC16"):
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+    assert [math.nan if v is None else v for v in got["per_class_iou"]] == pytest.approx(
+        want["per_class_iou"], abs=1e-12, nan_ok=True
+    )
+    assert (got["frames"], got["videos"]) == (want["frames"], want["videos"])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "vss_lightning.evaluate", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    videos = make_videos()
+    pattern = write_shards(tmp_path / "shards", videos)
+    write_predictions(tmp_path / "pred", videos)
+    return videos, pattern, tmp_path / "pred"
+
+
+def test_cli_scores_predictions(dataset, tmp_path):
+    videos, pattern, pred = dataset
+    out = tmp_path / "results" / "metrics.json"
+    proc = run_cli("--pred", str(pred), "--gt", pattern, "--num_classes", str(NUM_CLASSES), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(out.read_text())
+    assert got == json.loads(proc.stdout)
+    assert set(got) == {"mIoU", "pixel_acc", "mVC8", "mVC16", "per_class_iou", "frames", "videos", "missing"}
+    want = expected(videos)
+    assert_same(got, want)
+    assert got["per_class_iou"][NUM_CLASSES - 1] is None  # absent from the GT
+    assert got["videos"] == 3 and got["frames"] == sum(len(v["labelled"]) for v in videos)
+    assert 0 < got["mIoU"] < 1 and 0 < got["mVC16"] < 1 and got["missing"] == []
+
+
+def test_cli_missing_prediction(dataset, tmp_path):
+    videos, pattern, pred = dataset
+    frame = videos[0]["labelled"][3]
+    missing = pred / "vid_a" / f"{frame:05d}.png"
+    missing.unlink()
+    args = ("--pred", str(pred), "--gt", pattern, "--num_classes", str(NUM_CLASSES))
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert str(missing) in proc.stderr and "--missing as-wrong" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    proc = run_cli(*args, "--missing", "as-wrong")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["missing"] == [f"vid_a/{frame:05d}.png"]
+    assert_same(got, expected(videos, wrong=("vid_a", frame)))
+    assert got["mIoU"] < expected(videos)["mIoU"]
+
+
+def test_perfect_and_permuted_predictions(dataset):
+    videos, pattern, pred = dataset
+    rng = np.random.default_rng(1)
+    for v in videos:  # cluster ids: a different permutation per video
+        perm = rng.permutation(40)
+        v["pred"] = perm[np.where(v["gt"] == IGNORE_INDEX, 0, v["gt"])]
+    write_predictions(pred, videos)
+    got = evaluate(str(pred), pattern, NUM_CLASSES, matching="video", max_pred_ids=40)
+    assert got["mIoU"] == 1.0 and got["pixel_acc"] == 1.0 and got["missing"] == []
+    assert evaluate(str(pred), pattern, NUM_CLASSES, matching="none")["mIoU"] < 1.0
+    for v in videos:
+        v["pred"] = np.where(v["gt"] == IGNORE_INDEX, 0, v["gt"])
+    write_predictions(pred, videos)
+    got = evaluate(str(pred), pattern, NUM_CLASSES)
+    assert got["mIoU"] == 1.0 and got["pixel_acc"] == 1.0
+
+
+@pytest.mark.parametrize("matching", ["video", "dataset"])
+def test_matching_equals_in_process(dataset, matching):
+    videos, pattern, pred = dataset
+    got = evaluate(str(pred), pattern, NUM_CLASSES, matching=matching, max_pred_ids=512)
+    assert_same(got, expected(videos, matching))
+    with pytest.raises(ValueError, match=r"Expected predicted ids to be in \[0, 256\).*max_pred_ids"):
+        evaluate(str(pred), pattern, NUM_CLASSES, matching=matching)  # vid_d has ids >= 300
+
+
+def test_glob_pattern_equals_brace_pattern(dataset, tmp_path):
+    _, pattern, pred = dataset
+    glob_pattern = str(tmp_path / "shards" / "val-*.tar")
+    assert_same(evaluate(str(pred), glob_pattern, NUM_CLASSES), evaluate(str(pred), pattern, NUM_CLASSES))
+
+
+def test_wrong_size_prediction(dataset):
+    videos, pattern, pred = dataset
+    frame = videos[1]["labelled"][0]
+    path = pred / "vid_b" / f"{frame:05d}.png"
+    Image.fromarray(np.zeros((3, 3), dtype=np.uint8)).save(path)
+    with pytest.raises(EvaluationError, match=rf"{re.escape(str(path))}.*size 3x3, expected 5x7"):
+        evaluate(str(pred), pattern, NUM_CLASSES)
+    got = evaluate(str(pred), pattern, NUM_CLASSES, missing="as-wrong")
+    assert got["missing"] == [f"vid_b/{frame:05d}.png"]
+    assert_same(got, expected(videos, wrong=("vid_b", frame)))
+
+
+def test_input_errors(dataset, tmp_path):
+    videos, pattern, pred = dataset
+    with pytest.raises(EvaluationError, match="Expected `--gt` to match at least one shard"):
+        evaluate(str(pred), str(tmp_path / "none-*.tar"), NUM_CLASSES)
+    with pytest.raises(EvaluationError, match="val-000002.tar.*does not"):
+        evaluate(str(pred), str(tmp_path / "shards" / "val-{000000..000009}.tar"), NUM_CLASSES)
+    with pytest.raises(EvaluationError, match=r"only clips \[[01]\] were found"):
+        evaluate(str(pred), str(tmp_path / "shards" / "val-000000.tar"), NUM_CLASSES)
+    with pytest.raises(
+        EvaluationError, match="Expected `--num_classes` to match the shards.*--num_classes 5"
+    ):
+        evaluate(str(pred), pattern, 7)
+    rgb = pred / "vid_b" / f"{videos[1]['labelled'][0]:05d}.png"
+    Image.fromarray(np.zeros((5, 7, 3), dtype=np.uint8)).save(rgb)
+    with pytest.raises(EvaluationError, match=rf"{re.escape(str(rgb))}.*single-channel.*'RGB'"):
+        evaluate(str(pred), pattern, NUM_CLASSES, missing="as-wrong")

@@ -1,0 +1,302 @@
+"""Score a directory of predicted label PNGs against labelled shards.
+
+    python -m vss_lightning.evaluate --pred DIR --gt 'shards/val-{000000..000003}.tar' --num_classes 124
+
+Predictions are read from `<pred>/<video_id>/<frame_name>.png` (single-channel uint8 or uint16; the
+frame name comes from the shard's `meta.frame_names`), so labels written earlier, or by another tool,
+can be scored. Only the labelled frames of each video (`meta.labelled`, as VSPW counts frames with a
+mask file) are read and scored; mVC_n uses them in order. Clips of one video are joined (in
+`clip_index` order) before scoring, so per-video matching and mVC_n see the whole video.
+
+The JSON result (printed, and written to `--out` if given) has `mIoU`, `pixel_acc`, `mVC8`, `mVC16`,
+`per_class_iou` (null for classes absent from the ground truth), `frames`, `videos` (with a labelled
+frame) and `missing` (predictions counted as wrong under `--missing as-wrong`); undefined values are
+null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+
+from vss_lightning.data.format import IGNORE_INDEX, VideoMeta, decode_sample
+from vss_lightning.metrics import VideoSegmentationMetrics
+
+PRED_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
+_GLOB_CHARS = set("*?[")
+
+
+class EvaluationError(ValueError):
+    """Input that cannot be scored; the message names the file and the fix."""
+
+
+@dataclass
+class LabelledVideo:
+    """The labelled frames of one whole video.
+
+    Attributes:
+        video_id: the video's name.
+        frame_names: names of the labelled frames, in order.
+        labels: (T, H, W) int64 ground truth of those frames.
+        where: the shards it came from, for messages.
+        num_classes: the dataset's number of classes from the metadata, if recorded.
+    """
+
+    video_id: str
+    frame_names: list[str]
+    labels: torch.Tensor
+    where: str
+    num_classes: int | None = None
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Expand a brace pattern and/or glob into shard paths (or URLs), in order.
+
+    Raises:
+        EvaluationError: if nothing matches, or a local path does not exist.
+    """
+    urls: list[str] = []
+    for part in braceexpand(pattern):
+        if _GLOB_CHARS & set(part) and "://" not in part:
+            urls.extend(sorted(glob.glob(part)))
+        else:
+            urls.append(part)
+    if not urls:
+        raise EvaluationError(
+            f"Expected `--gt` to match at least one shard, but got {pattern!r} matching none."
+        )
+    for url in urls:
+        local = "://" not in url and not url.startswith("pipe:")
+        if local and not os.path.isfile(url):
+            raise EvaluationError(f"Expected shard {url!r} to exist, but it does not. Check `--gt`.")
+    return urls
+
+
+def _labelled_clip(
+    meta: VideoMeta, labels: torch.Tensor | None, where: str
+) -> tuple[list[str], torch.Tensor]:
+    """Names and (T, H, W) label maps of the labelled frames of one clip, in frame order."""
+    indices = sorted(set(meta.labelled))
+    if indices and labels is None:
+        raise EvaluationError(
+            f"Expected {where} to hold label PNGs for its labelled frames {indices[:5]}, but it has none. "
+            "Rebuild the shard with data_tools."
+        )
+    bad = [i for i in indices if not 0 <= i < len(meta.frame_names)]
+    if bad:
+        raise EvaluationError(
+            f"Expected the labelled frame indices of {where} to be in [0, {len(meta.frame_names)}), but "
+            f"got {bad[:5]}. Rebuild the shard with data_tools."
+        )
+    if not indices:
+        return [], torch.zeros(0, 0, 0, dtype=torch.long)
+    return [meta.frame_names[i] for i in indices], labels[indices]
+
+
+def iter_labelled_videos(urls: Sequence[str]) -> Iterator[LabelledVideo]:
+    """Read shards and yield each whole video's labelled frames once all of its clips are read.
+
+    Raises:
+        EvaluationError: if a video appears twice, or some of its clips are missing from the shards.
+        SampleError: if a sample cannot be decoded (the message names the shard and video).
+    """
+    dataset = wds.WebDataset(list(urls), shardshuffle=False, empty_check=False)
+    pending: dict[str, dict[int, tuple[list[str], torch.Tensor, str]]] = {}
+    done: set[str] = set()
+    for raw in dataset:
+        sample = decode_sample(raw)
+        meta, vid = sample.meta, sample.meta.video_id
+        clips = pending.setdefault(vid, {})
+        if vid in done or meta.clip_index in clips:
+            raise EvaluationError(
+                f"Expected video {vid!r} clip {meta.clip_index} to occur once in the shards, but "
+                f"{sample.where} repeats it. Remove the duplicate shard from `--gt`."
+            )
+        names, labels = _labelled_clip(meta, sample.labels, sample.where)
+        clips[meta.clip_index] = (names, labels, sample.where)
+        if len(clips) < meta.num_clips:
+            continue
+        del pending[vid]
+        done.add(vid)
+        if sorted(clips) != list(range(meta.num_clips)):
+            raise EvaluationError(
+                f"Expected clips 0..{meta.num_clips - 1} of video {vid!r}, but got {sorted(clips)}. "
+                "Rebuild the shards with data_tools."
+            )
+        parts = [clips[i] for i in range(meta.num_clips)]
+        names = [name for part in parts for name in part[0]]
+        maps = [part[1] for part in parts if part[0]]
+        if maps and len({tuple(m.shape[1:]) for m in maps}) > 1:
+            raise EvaluationError(f"Expected all clips of video {vid!r} to have one frame size.")
+        labels = torch.cat(maps) if maps else torch.zeros(0, 0, 0, dtype=torch.long)
+        yield LabelledVideo(vid, names, labels, "; ".join(part[2] for part in parts), meta.num_classes)
+    if pending:
+        vid, clips = next(iter(pending.items()))
+        raise EvaluationError(
+            f"Expected every clip of video {vid!r} in the shards, but only clips {sorted(clips)} were "
+            f"found ({len(pending)} video(s) incomplete). Add the missing shards to `--gt`."
+        )
+
+
+def read_prediction(path: str, size: tuple[int, int]) -> np.ndarray | str:
+    """Read one predicted label PNG.
+
+    Args:
+        path: the file.
+        size: expected (H, W).
+
+    Returns:
+        (H, W) int64 ids, or a string saying why the prediction is missing or has the wrong size.
+
+    Raises:
+        EvaluationError: if the file exists but is not a readable single-channel image.
+    """
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        with Image.open(path) as img:  # reads the header; pixels only when mode and size fit
+            mode, got = img.mode, (img.height, img.width)
+            array = np.asarray(img) if mode in PRED_MODES and got == tuple(size) else None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise EvaluationError(
+            f"Expected prediction {path!r} to be a readable PNG, but got {type(e).__name__}: {e}."
+        ) from e
+    if mode not in PRED_MODES:
+        raise EvaluationError(
+            f"Expected prediction {path!r} to be a single-channel uint8/uint16 PNG of ids, but got mode "
+            f"{mode!r}. Save class (or cluster) ids, not colours."
+        )
+    if array is None:
+        return f"size {got[0]}x{got[1]}, expected {size[0]}x{size[1]} (H x W)"
+    return array.astype(np.int64)
+
+
+def evaluate(
+    pred_dir: str,
+    gt: str,
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+    matching: Literal["none", "video", "dataset"] = "none",
+    missing: Literal["error", "as-wrong"] = "error",
+    max_pred_ids: int = 256,
+) -> dict[str, Any]:
+    """Score `<pred_dir>/<video_id>/<frame_name>.png` against the labelled shards matching `gt`.
+
+    Args:
+        pred_dir: directory of predictions.
+        gt: brace pattern and/or glob of WebDataset shards.
+        num_classes: C.
+        ignore_index: the ignore label of the shards.
+        matching: "none", "video" or "dataset" (Hungarian matching of predicted ids to classes).
+        missing: "error" raises on a missing or wrong-size prediction; "as-wrong" counts every valid
+            ground-truth pixel of that frame as wrong (and inconsistent for mVC) and lists the file.
+        max_pred_ids: bound on predicted ids under matching.
+
+    Returns:
+        The metrics of `VideoSegmentationMetrics.compute` (NaN where undefined) plus `missing`, the
+        list of predictions counted as wrong (`<video_id>/<frame_name>.png`).
+    """
+    if missing not in ("error", "as-wrong"):
+        raise EvaluationError(f"Expected `missing` to be 'error' or 'as-wrong', but got {missing!r}.")
+    if not os.path.isdir(pred_dir):
+        raise EvaluationError(f"Expected `--pred` to be a directory, but got {pred_dir!r}.")
+    metrics = VideoSegmentationMetrics(num_classes, matching, ignore_index, max_pred_ids)
+    missed: list[str] = []
+    for video in iter_labelled_videos(expand_shards(gt)):
+        if video.num_classes is not None and video.num_classes != num_classes:
+            raise EvaluationError(
+                f"Expected `--num_classes` to match the shards, but got {num_classes} while {video.where} "
+                f"records num_classes={video.num_classes}. Pass `--num_classes {video.num_classes}`."
+            )
+        if not video.frame_names:
+            continue
+        num_frames, height, width = video.labels.shape
+        preds = torch.full((num_frames, height, width), -1, dtype=torch.long)  # -1: no prediction
+        for t, name in enumerate(video.frame_names):
+            rel = f"{video.video_id}/{name}.png"
+            path = os.path.join(pred_dir, video.video_id, f"{name}.png")
+            pred = read_prediction(path, (height, width))
+            if isinstance(pred, str):
+                if missing == "error":
+                    raise EvaluationError(
+                        f"Expected a prediction {path!r} ({height}x{width}) for labelled frame {name!r} of "
+                        f"video {video.video_id!r}, but it is {pred}. Predict every labelled frame, or pass "
+                        "`--missing as-wrong` to count it as wrong."
+                    )
+                print(f"warning: {path}: {pred}; counted as wrong", file=sys.stderr)
+                missed.append(rel)
+                continue
+            preds[t] = torch.from_numpy(pred)
+        labelled = torch.ones(num_frames, dtype=torch.bool)  # meta.labelled decides, as VSPW's mask files
+        metrics.update(preds, video.labels, labelled)
+    result: dict[str, Any] = metrics.compute()
+    result["missing"] = missed
+    return result
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m vss_lightning.evaluate", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--pred", required=True, help="directory of <video_id>/<frame_name>.png predictions")
+    parser.add_argument("--gt", required=True, help="brace pattern or glob of labelled WebDataset shards")
+    parser.add_argument("--num_classes", required=True, type=int, help="number of classes C")
+    parser.add_argument("--ignore_index", type=int, default=IGNORE_INDEX, help="ignore label (default 255)")
+    parser.add_argument(
+        "--matching",
+        choices=("none", "video", "dataset"),
+        default="none",
+        help="Hungarian matching of predicted ids to classes (for cluster outputs)",
+    )
+    parser.add_argument("--max_pred_ids", type=int, default=256, help="bound on predicted ids under matching")
+    parser.add_argument("--out", default=None, help="write the metrics JSON here too")
+    parser.add_argument(
+        "--missing",
+        choices=("error", "as-wrong"),
+        default="error",
+        help="a missing or wrong-size prediction: error, or count its frame as wrong",
+    )
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(
+            args.pred,
+            args.gt,
+            args.num_classes,
+            args.ignore_index,
+            args.matching,
+            args.missing,
+            args.max_pred_ids,
+        )
+    except ValueError as e:  # EvaluationError, SampleError and argument errors: a message, no traceback
+        parser.exit(2, f"error: {e}\n")
+    text = json.dumps({k: _json_safe(v) for k, v in result.items()}, indent=2)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
