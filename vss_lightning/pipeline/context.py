@@ -5,23 +5,33 @@ cluster id (or the majority ground-truth class of their cluster), form the memor
 that labels every frame of the batch. After each batch the memory is replaced by that batch's features
 and refined labels, so it never holds more than one batch whatever the video length.
 
-`knn_predict` reproduces scikit-learn's `KNeighborsClassifier(n_neighbors=k)` (uniform votes, brute
-force, Euclidean), ties included, on the tensors' device. How scikit-learn (1.3 to 1.9) predicts:
+`knn_predict` reproduces scikit-learn's `KNeighborsClassifier(n_neighbors=k, algorithm="brute")`
+(uniform votes, Euclidean; "auto" picks brute force for features of more than 15 channels), ties
+included, on the tensors' device. How scikit-learn (1.2 to 1.9) predicts there: `predict_proba` falls
+back to `kneighbors`, i.e. `ArgKmin` with the Euclidean specialisation
+(`sklearn/metrics/_pairwise_distances_reduction/_argkmin.pyx.tp`):
 
-- squared distances are computed directly, `sum_c (x_c - y_c) ** 2`, accumulated sequentially in float64;
-  for float32 inputs each difference is rounded to float32 and the sum is rounded to float32 at the end;
+- squared distances are `|x|^2 + (-2 x.y) + |y|^2` in float64 (float32 data is upcast), clipped at 0;
 - for each query the memory points are pushed, in index order, onto a fixed-size max-heap that rejects
   a point whose distance is `>=` the heap's current maximum (`sklearn/utils/_heap.pyx::heap_push`), so
   when several points share the k-th distance, which of them are kept depends on the heap's structure
   (neither "lowest index" nor "highest index" in general);
-- the vote counts one per neighbour and a tied vote goes to the smallest label.
+- a tied vote goes to the smallest label (`classes_[argmax(proba)]`).
 
-Here distances come from one float64 matrix product per chunk of queries (fast, on any device). A
-query whose k-th and (k+1)-th distances are within the error bound of that product (or of
-scikit-learn's float32 rounding) is recomputed exactly as scikit-learn does and its neighbours are
-chosen by replaying the heap. The only remaining difference: scikit-learn's float64 sum is sequential
-and this one is sequential too, but a C compiler building scikit-learn with fused multiply-adds would
-round differently in the last bit; the stock wheels do not.
+Here the distances are the same float64 decomposition, from one matrix product per chunk of queries.
+A query whose k-th and (k+1)-th distances are closer than the product's rounding error bound has its
+distances to all memory points recomputed position-independently (duplicated points then tie exactly)
+and its neighbours chosen by replaying that heap. So the result equals scikit-learn's whenever its
+arithmetic is exact or no two distances are within rounding of each other at the k-th place. The
+remaining differences, all about nearly equal distances at the k-th place:
+- scikit-learn's own matrix product can round the distance of a duplicated point differently
+  depending on where the point falls in its 256-point chunk (seen with scipy's OpenBLAS), so it may
+  break a tie that is exact here; distinct points whose distances differ only in the last bits can
+  likewise be ordered differently (torch's rounding is not scikit-learn's BLAS's);
+- the replay is scikit-learn's `parallel_on_X` strategy, used when there are more queries than memory
+  points or `n_queries > 1024 * n_openmp_threads` (the reference's first batch always qualifies);
+  otherwise it uses `parallel_on_Y`, whose per-thread heaps (their number depends on the machine) may
+  keep other points among those tied at the k-th distance.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from sklearn.cluster import KMeans
 from torch import Tensor
 
 _EPS64 = float(np.finfo(np.float64).eps)
-_EXACT_ROWS = 64  # ambiguous queries recomputed exactly at once (bounds an (rows, N) float64 buffer)
+_EXACT_ELEMENTS = 1 << 22  # (queries x memory) distances recomputed at once for near-tied queries
 
 
 def linf_normalize(features: Tensor) -> Tensor:
@@ -51,7 +61,9 @@ def linf_normalize(features: Tensor) -> Tensor:
     return features / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def kmeans(features: Tensor, num_clusters: int, n_init: int = 10, max_iter: int = 300, seed: int = 0) -> Tensor:
+def kmeans(
+    features: Tensor, num_clusters: int, n_init: int = 10, max_iter: int = 300, seed: int = 0
+) -> Tensor:
     """K-Means with scikit-learn on float64 CPU data (the reference's clustering).
 
     Args:
@@ -65,17 +77,20 @@ def kmeans(features: Tensor, num_clusters: int, n_init: int = 10, max_iter: int 
         (N,) int64 cluster ids in [0, K) on `features.device`.
     """
     if features.ndim != 2:
-        raise ValueError(f"Expected `features` to be an (N, C) tensor, but got shape {tuple(features.shape)}.")
+        raise ValueError(
+            f"Expected `features` to be an (N, C) tensor, but got shape {tuple(features.shape)}."
+        )
     n = features.shape[0]
     if not 1 <= num_clusters <= n:
         raise ValueError(
-            f"Expected `num_clusters` to be between 1 and the number of points ({n}), but got {num_clusters}. "
-            "Lower the number of clusters or cluster more frames."
+            f"Expected `num_clusters` to be between 1 and the number of points ({n}), but got "
+            f"{num_clusters}. Lower the number of clusters or cluster more frames."
         )
     if n_init < 1:
         raise ValueError(f"Expected `n_init` to be at least 1, but got {n_init}.")
     data = features.detach().to("cpu", torch.float64).numpy()
-    labels = KMeans(n_clusters=num_clusters, n_init=n_init, max_iter=max_iter, random_state=seed).fit_predict(data)
+    model = KMeans(n_clusters=num_clusters, n_init=n_init, max_iter=max_iter, random_state=seed)
+    labels = model.fit_predict(data)
     return torch.from_numpy(labels.astype(np.int64)).to(features.device)
 
 
@@ -99,13 +114,14 @@ def per_frame_kmeans(features: Tensor, num_clusters: int, n_init: int, seed: int
     return torch.stack(labels).reshape(b, h, w)
 
 
-def knn_predict(memory: Tensor, memory_labels: Tensor, queries: Tensor, k: int = 4, chunk_size: int = 4096) -> Tensor:
-    """k-nearest-neighbour classification equal to scikit-learn's `KNeighborsClassifier(n_neighbors=k)`.
+def knn_predict(
+    memory: Tensor, memory_labels: Tensor, queries: Tensor, k: int = 4, chunk_size: int = 4096
+) -> Tensor:
+    """k-nearest-neighbour labels equal to scikit-learn's `KNeighborsClassifier(k, algorithm="brute")`.
 
     Euclidean distance, uniform votes, a tied vote goes to the smallest label, equal distances are
-    resolved as scikit-learn's heap does (see the module docstring). Runs on the tensors' device.
-    float32 and float64 inputs reproduce scikit-learn's float32 and float64 paths; other dtypes are
-    computed as float32; mixed dtypes are promoted.
+    resolved as scikit-learn's heap does (see the module docstring). Computed in float64 on the queries'
+    device, whatever the input dtype (as scikit-learn upcasts float32).
 
     Args:
         memory: (N, C) features of the labelled points.
@@ -132,65 +148,57 @@ def knn_predict(memory: Tensor, memory_labels: Tensor, queries: Tensor, k: int =
         raise ValueError(f"Expected `k` to be between 1 and the number of memory points ({n}), but got {k}.")
     if chunk_size < 1:
         raise ValueError(f"Expected `chunk_size` to be at least 1, but got {chunk_size}.")
-    dtype = torch.promote_types(memory.dtype, queries.dtype)
-    if dtype != torch.float64:
-        dtype = torch.float32
     device = queries.device
-    memory = memory.detach().to(device, dtype)
-    queries = queries.detach().to(dtype)
+    memory = memory.detach().to(device, torch.float64)
+    queries = queries.detach().to(torch.float64)
     classes, label_ids = torch.unique(memory_labels.to(device), sorted=True, return_inverse=True)
-    memory64 = memory.double()
-    memory_sq = memory64.square().sum(dim=1)  # (N,)
+    memory_sq = memory.square().sum(dim=1)  # (N,)
     out = torch.empty(queries.shape[0], dtype=torch.int64, device=device)
     for start in range(0, queries.shape[0], chunk_size):
         chunk = queries[start : start + chunk_size]
-        neighbours = _nearest(chunk, memory, memory64, memory_sq, k)  # (m, k)
+        neighbours = _nearest(chunk, memory, memory_sq, k)  # (m, k)
         votes = torch.zeros(chunk.shape[0], classes.numel(), dtype=torch.int64, device=device)
         votes.scatter_add_(1, label_ids[neighbours], torch.ones_like(neighbours))
         out[start : start + chunk.shape[0]] = classes[votes.argmax(dim=1)]  # first max = smallest label
     return out
 
 
-def _nearest(queries: Tensor, memory: Tensor, memory64: Tensor, memory_sq: Tensor, k: int) -> Tensor:
+def _nearest(queries: Tensor, memory: Tensor, memory_sq: Tensor, k: int) -> Tensor:
     """(m, k) indices of the k nearest memory points of each query, as scikit-learn selects them."""
     n, c = memory.shape
     if n == k:
         return torch.arange(n, device=memory.device).expand(queries.shape[0], n)
-    q64 = queries.double()
-    query_sq = q64.square().sum(dim=1)  # (m,)
-    dist = (q64 @ memory64.T).mul_(-2.0).add_(query_sq[:, None]).add_(memory_sq[None]).clamp_(min=0.0)
+    query_sq = queries.square().sum(dim=1)  # (m,)
+    # scikit-learn's order of operations: (|x|^2 + (-2 x.y)) + |y|^2, then max(0, .)
+    dist = (queries @ memory.T).mul_(-2.0).add_(query_sq[:, None]).add_(memory_sq[None]).clamp_(min=0.0)
     values, indices = dist.topk(k + 1, dim=1, largest=False, sorted=True)  # (m, k + 1)
     del dist
-    # Bound on |this distance - scikit-learn's|: the matrix product's rounding, the float64 sequential
-    # sum, and for float32 the rounding of each difference and of the result (relative 2^-22).
-    abs_tol = 4.0 * (c + 2) * _EPS64 * (query_sq + memory_sq.max())
-    rel_tol = 2.0**-21 if memory.dtype == torch.float32 else 4.0 * (c + 2) * _EPS64
-    tol = abs_tol + rel_tol * values[:, k]
+    # A matrix product may round x.y differently for two identical points (different kernels at the
+    # edges of its tiles), so a tie at the k-th distance can show as a gap up to twice its error bound.
+    tol = 2.0 * (c + 2) * _EPS64 * (query_sq + memory_sq.max())
     ambiguous = (values[:, k] - values[:, k - 1]) <= 2.0 * tol
     neighbours = indices[:, :k]
     if bool(ambiguous.any()):
         neighbours = neighbours.clone()
         rows = ambiguous.nonzero().squeeze(1)
-        for part in rows.split(_EXACT_ROWS):
-            exact = _sklearn_sq_distances(queries[part], memory).cpu().numpy()
+        for part in rows.split(max(1, _EXACT_ELEMENTS // n)):
+            exact = _rowwise_sq_distances(queries[part], memory, memory_sq).cpu().numpy()
             picked = [_sklearn_heap_select(row, k) for row in exact]
             neighbours[part] = torch.tensor(picked, dtype=torch.int64, device=memory.device)
     return neighbours
 
 
-def _sklearn_sq_distances(queries: Tensor, memory: Tensor) -> Tensor:
-    """(m, N) float64 squared distances computed bit for bit as scikit-learn's `euclidean_rdist`.
+def _rowwise_sq_distances(queries: Tensor, memory: Tensor, memory_sq: Tensor) -> Tensor:
+    """(g, N) squared distances whose value depends only on the two points, never on their positions.
 
-    Differences in the input dtype, squares summed over channels in order in float64, and for float32
-    inputs the sum rounded to float32 (`EuclideanDistance32.rdist` returns float32).
+    The dot products are accumulated channel by channel with elementwise operations, so duplicated
+    points get bit-identical distances (ties exactly where scikit-learn has them).
     """
-    dist = torch.zeros(queries.shape[0], memory.shape[0], dtype=torch.float64, device=memory.device)
+    dot = torch.zeros(queries.shape[0], memory.shape[0], dtype=torch.float64, device=memory.device)
     for ch in range(memory.shape[1]):
-        diff = (queries[:, ch, None] - memory[None, :, ch]).double()
-        dist += diff * diff
-    if memory.dtype == torch.float32:
-        dist = dist.float().double()
-    return dist
+        dot += queries[:, ch, None] * memory[None, :, ch]
+    query_sq = queries.square().sum(dim=1)
+    return dot.mul_(-2.0).add_(query_sq[:, None]).add_(memory_sq[None]).clamp_(min=0.0)
 
 
 def _sklearn_heap_select(distances: np.ndarray, k: int) -> list[int]:
@@ -277,7 +285,8 @@ def first_frame_gt_labels(clusters: Tensor, gt: Tensor, ignore_index: int = 255)
     if clusters.ndim != 2 or gt.shape != clusters.shape:
         raise ValueError(
             "Expected `clusters` and `gt` to be (h, w) maps of the same shape, but got "
-            f"{tuple(clusters.shape)} and {tuple(gt.shape)}. Resize the ground truth with `resize_gt_to_grid`."
+            f"{tuple(clusters.shape)} and {tuple(gt.shape)}. Resize the ground truth with "
+            "`resize_gt_to_grid`."
         )
     gt = gt.to(clusters.device, torch.int64)
     cluster_ids, cluster_index = torch.unique(clusters.reshape(-1), return_inverse=True)
@@ -334,6 +343,11 @@ class SceneContextModel:
             raise ValueError(f"Expected `kmeans_n_init` to be at least 1, but got {kmeans_n_init}.")
         if mode not in ("cluster", "first_frame_gt"):
             raise ValueError(f"Expected `mode` to be 'cluster' or 'first_frame_gt', but got {mode!r}.")
+        if mode == "cluster" and 0 <= ignore_index < num_clusters:
+            raise ValueError(
+                f"Expected `num_clusters` to be at most `ignore_index` ({ignore_index}) in 'cluster' mode (a "
+                f"cluster id equal to it would be dropped from the memory), but got {num_clusters}."
+            )
         self.num_clusters = num_clusters
         self.knn_k = knn_k
         self.kmeans_n_init = kmeans_n_init
@@ -377,12 +391,13 @@ class SceneContextModel:
         else:
             if first_frame_gt is None:
                 raise ValueError(
-                    "Expected `first_frame_gt` to be frame 1's ground truth in 'first_frame_gt' mode, but got "
-                    "None. Pass it, or use mode='cluster'."
+                    "Expected `first_frame_gt` to be frame 1's ground truth in 'first_frame_gt' mode, but "
+                    "got None. Pass it, or use mode='cluster'."
                 )
             if first_frame_gt.ndim != 2:
                 raise ValueError(
-                    f"Expected `first_frame_gt` to be an (H, W) map, but got shape {tuple(first_frame_gt.shape)}."
+                    "Expected `first_frame_gt` to be an (H, W) map, but got shape "
+                    f"{tuple(first_frame_gt.shape)}."
                 )
             gt = first_frame_gt.to(features.device, torch.int64)
             if gt.shape != (h, w):
@@ -390,8 +405,8 @@ class SceneContextModel:
             labels = first_frame_gt_labels(clusters, gt, self.ignore_index)
         if bool((labels == self.ignore_index).all()):
             raise ValueError(
-                f"Expected frame 1's ground truth to have a valid class (not {self.ignore_index}) in at least one "
-                "cluster, but got none. Use a labelled first frame or mode='cluster'."
+                f"Expected frame 1's ground truth to have a valid class (not {self.ignore_index}) in at "
+                "least one cluster, but got none. Use a labelled first frame or mode='cluster'."
             )
         self._store(features[0], labels)
         return labels
@@ -433,7 +448,8 @@ class SceneContextModel:
         keep = flat_labels != self.ignore_index
         if not bool(keep.any()):
             raise ValueError(
-                f"Expected `labels` to have at least one point not equal to {self.ignore_index}, but got none."
+                f"Expected `labels` to have at least one point not equal to {self.ignore_index}, but got "
+                "none."
             )
         self._memory = flat[keep].clone()
         self._memory_labels = flat_labels[keep].clone()
@@ -452,8 +468,8 @@ class SceneContextModel:
         memory, labels = state_dict.get("memory"), state_dict.get("memory_labels")
         if not isinstance(memory, Tensor) or not isinstance(labels, Tensor) or memory.ndim != 2:
             raise ValueError(
-                "Expected `state_dict` to hold an (N, C) 'memory' and (N,) 'memory_labels' tensor, but got keys "
-                f"{sorted(state_dict)}."
+                "Expected `state_dict` to hold an (N, C) 'memory' and (N,) 'memory_labels' tensor, but got "
+                f"keys {sorted(state_dict)}."
             )
         if labels.shape != memory.shape[:1]:
             raise ValueError(
@@ -464,6 +480,6 @@ class SceneContextModel:
 
     def _uninitialised_message(self) -> str:
         return (
-            "Expected the scene context model to be initialised, but got an empty memory. Call `initialise` on "
-            "the first batch (or `load_state_dict`) before `predict`."
+            "Expected the scene context model to be initialised, but got an empty memory. Call "
+            "`initialise` on the first batch (or `load_state_dict`) before `predict`."
         )
