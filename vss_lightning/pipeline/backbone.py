@@ -165,6 +165,26 @@ class Backbone(ABC):
     def description(self) -> str:
         """A short, stable description (used in the settings hash of outputs)."""
 
+    # Extension points: a backbone family (SD, SVD) names its layers and builds its own sampler and
+    # modulation; the segmenter only talks to these interfaces.
+    def attention_layer(self, block: int, attention: str) -> str:
+        """The layer name of a decoder block's attention (paper numbering of decoder blocks)."""
+        from .modulation import decoder_block_layer
+
+        return decoder_block_layer(block, attention)
+
+    def make_sampler(self, loaded: LoadedBackbone, **settings):
+        """The sampler of this backbone family (`DiffusionSampler` for SD)."""
+        from .sampler import DiffusionSampler
+
+        return DiffusionSampler(loaded, **settings)
+
+    def make_modulation(self, settings, sampler):
+        """The full-resolution step of this backbone family (`MaskedModulation` for SD)."""
+        from .modulation import MaskedModulation
+
+        return MaskedModulation(settings, sampler)
+
 
 class StableDiffusion(Backbone):
     """Stable Diffusion 2.1-base (or a compatible checkpoint) from the hub or a local folder.
@@ -296,7 +316,7 @@ class TinyStableDiffusion(Backbone):
                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                 cross_attention_dim=16,
-                attention_head_dim=(2, 4, 4, 4),
+                attention_head_dim=(1, 2, 2, 2),
                 norm_num_groups=4,
                 use_linear_projection=True,
             )

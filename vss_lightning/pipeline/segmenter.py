@@ -9,6 +9,7 @@ labels of a whole video or clip.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from .attention import AttentionControl
 from .backbone import Backbone, LoadedBackbone, StableDiffusion
 from .context import SceneContextModel, linf_normalize, per_frame_kmeans, resize_gt_to_grid
-from .modulation import MaskedModulation, ModulationSettings, decoder_block_layer
+from .modulation import MaskedModulation, ModulationSettings
 from .refine import correspondence_refine
 from .sampler import DiffusionSampler, resize_to_multiple
 
@@ -172,8 +173,8 @@ class VideoSegmenter:
         self.seed = seed
         self.ignore_index = ignore_index
         blocks = self.feature_blocks if aggregate_features else (single_feature_block,)
-        self.feature_layers = [decoder_block_layer(b, "self") for b in blocks]
-        self.cbr_layer = decoder_block_layer(cbr_block, "self")
+        self.feature_layers = [self.backbone.attention_layer(b, "self") for b in blocks]
+        self.cbr_layer = self.backbone.attention_layer(cbr_block, "self")
         self._loaded: LoadedBackbone | None = None
         self._sampler: DiffusionSampler | None = None
         self._modulation: MaskedModulation | None = None
@@ -182,7 +183,7 @@ class VideoSegmenter:
     def load(self, device: torch.device | str = "cpu") -> VideoSegmenter:
         """Load the backbone on `device` (the heavy part); returns self."""
         self._loaded = self.backbone.load(device)
-        self._sampler = DiffusionSampler(
+        self._sampler = self.backbone.make_sampler(
             self._loaded,
             num_inference_steps=self.num_inference_steps,
             start_step=self.noise_step,
@@ -190,7 +191,7 @@ class VideoSegmenter:
             max_batch_images=self.max_batch_images,
             vae_batch_images=self.vae_batch_images,
         )
-        self._modulation = MaskedModulation(self.modulation, self._sampler)
+        self._modulation = self.backbone.make_modulation(self.modulation, self._sampler)
         return self
 
     @property
@@ -238,7 +239,14 @@ class VideoSegmenter:
                 f"but got {tuple(first_frame_gt.shape)}."
             )
 
-    def _features(self, record, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, record, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aggregated L-inf-normalised features and CBR features, both (B, h, w, C)."""
+        tokens = record.features[self.feature_layers[0]].shape[1]
+        factor = round(math.sqrt(size[0] * size[1] / tokens))  # 16 for SD's 1/16 decoder level
+        grid = (size[0] // factor, size[1] // factor)
+        if grid[0] * grid[1] != tokens:
+            raise ValueError(f"Expected the feature layer's {tokens} tokens to tile the {size} frame.")
+
         def to_grid(q: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, h, w, C)
             return q.float().unflatten(1, grid)
 
@@ -289,6 +297,8 @@ class VideoSegmenter:
         control = AttentionControl()
 
         def tick(stage: str, t0: float) -> float:
+            if dev.type == "cuda":  # stage times need the queued kernels finished
+                torch.cuda.synchronize(dev)
             now = time.perf_counter()
             seconds[stage] = seconds.get(stage, 0.0) + now - t0
             return now
@@ -298,7 +308,6 @@ class VideoSegmenter:
             end = min(start + self.batch_size, t_total)
             x = resize_to_multiple(frames[start:end].to(dev))  # (B, 3, H', W') in [-1, 1]
             size = tuple(x.shape[-2:])
-            grid = (size[0] // 16, size[1] // 16)
             z0 = sm.encode(x)
             gen = torch.Generator().manual_seed(noise_seed(self.seed, key, start))
             noise = torch.randn(z0.shape, generator=gen, dtype=torch.float32)
@@ -308,7 +317,8 @@ class VideoSegmenter:
             record = sm.unmodulated_pass(
                 zt, control, self.feature_layers + [self.cbr_layer], self.feature_step, keep_qk=keep_qk
             )
-            feats, cbr_feats = self._features(record, grid)
+            feats, cbr_feats = self._features(record, size)
+            grid = tuple(feats.shape[1:3])
             t0 = tick("features", t0)
             if self.context == "per_frame_kmeans":
                 coarse = per_frame_kmeans(feats, self.num_clusters, self.kmeans_n_init, self.seed)
