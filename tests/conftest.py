@@ -14,7 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The project's shared data folder (beside the checkout); VSS_SHARED_DATA points elsewhere (e.g. a GPU box).
+SHARED_DATA = Path(
+    os.environ.get("VSS_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
 SWAN = SHARED_DATA / "swan"
 CAMVID = SHARED_DATA / "camvid" / "0006R0"
 

@@ -141,3 +141,34 @@ def test_settings_are_validated(batch):
         MaskedModulation(ModulationSettings(steps=[3]), sm)
     with pytest.raises(ValueError, match="odd"):
         gaussian_blur(torch.zeros(1, 4, 4), 4, 1.0)
+
+
+def test_prefix_reuse_leaves_latents_and_labels_unchanged(tiny_backbone):
+    from vss_lightning.pipeline.prefix import prefix_modules
+
+    layer = "up_blocks.2.attentions.1.transformer_blocks.0.attn2"
+    assert prefix_modules(tiny_backbone.unet, layer)[-3:] == [
+        "up_blocks.2.resnets.0",
+        "up_blocks.2.resnets.1",
+        "up_blocks.2.attentions.0",
+    ]
+    sm = DiffusionSampler(tiny_backbone, max_batch_images=4)  # chunked recording: 2 frames per forward
+    g = torch.Generator().manual_seed(5)
+    zt = sm.add_noise(
+        sm.encode(torch.rand(3, 3, 128, 192, generator=g) * 2 - 1), torch.randn(3, 4, 16, 24, generator=g)
+    )
+    plain = sm.unmodulated_pass(zt, AttentionControl(), [FEAT], 24)
+    reused = sm.unmodulated_pass(zt, AttentionControl(), [FEAT], 24, prefix_layer=layer)
+    assert reused.prefix is not None and set(reused.prefix.outputs) == set(reused.prefix.names)
+    settings = ModulationSettings(strength=50.0)
+    mm = MaskedModulation(settings, sm)
+    masks = torch.zeros(4, 8, 12)
+    masks[:, 2:6, 3:9] = 1
+    frames, signs = torch.tensor([2, 0, 2, 1]), torch.tensor([1.0, -1.0, -1.0, 1.0])
+    z_plain = mm.run_units(plain, frames, masks, signs)
+    z_reused = mm.run_units(reused, frames, masks, signs)
+    torch.testing.assert_close(z_reused, z_plain, rtol=1e-5, atol=1e-5)
+    coarse = _coarse()
+    assert torch.equal(mm.labels(reused, coarse, (128, 192)), mm.labels(plain, coarse, (128, 192)))
+    # the patched forwards are gone afterwards
+    assert "forward" not in vars(tiny_backbone.unet.get_submodule("down_blocks.0"))

@@ -17,6 +17,7 @@ are batched freely (`max_batch_images`); a label absent from a frame costs nothi
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,13 +53,19 @@ class ModulationSettings:
         steps: steps at which the modulation term is added (default: the first step, 22).
         block: decoder block (paper numbering, 3..11) whose attention is modulated (7).
         attention: modulate the block's "cross" (attn2) or "self" (attn1) attention.
+        layer_types: which of the block's attentions get the term: "spatial" (over the pixels of a
+            frame; the only kind SD has) and/or "temporal" (over the frames; video backbones).
         inject: inject the unmodulated pass's q/k in every decoder attention at every step.
+        inject_layer_types: the decoder attentions that get injected q/k: "spatial" (for SD: every
+            decoder self- and cross-attention) and/or "temporal" (video backbones).
         blend: latent blending after `blend_steps`.
         blend_steps: steps after which latents are blended (22 and 23).
         mask_filter: weight the difference map outside the label's mask by `filter_strength`.
         filter_strength: s of the mask filter (0.7).
         blur_kernel: size of the Gaussian blur of the difference map (5).
         blur_sigma: sigma of that blur (3).
+        reuse_prefix: at the first step, reuse the unmodulated pass's UNet computation before the
+            modulated layer instead of recomputing it (same labels, about a fifth less UNet work).
     """
 
     enabled: bool = True
@@ -66,13 +73,16 @@ class ModulationSettings:
     steps: list[int] = field(default_factory=lambda: [22])
     block: int = 7
     attention: Literal["self", "cross"] = "cross"
+    layer_types: list[Literal["spatial", "temporal"]] = field(default_factory=lambda: ["spatial"])
     inject: bool = True
+    inject_layer_types: list[Literal["spatial", "temporal"]] = field(default_factory=lambda: ["spatial"])
     blend: bool = True
     blend_steps: list[int] = field(default_factory=lambda: [22, 23])
     mask_filter: bool = True
     filter_strength: float = 0.7
     blur_kernel: int = 5
     blur_sigma: float = 3.0
+    reuse_prefix: bool = True
 
     @property
     def layer(self) -> str:
@@ -132,6 +142,12 @@ class MaskedModulation:
             bad = [v for v in values if v not in steps]
             if bad:
                 raise ValueError(f"Expected `modulation.{name}` to be within {steps}, but got {bad}.")
+        if list(settings.layer_types) != ["spatial"] or list(settings.inject_layer_types) != ["spatial"]:
+            raise ValueError(
+                "Expected `modulation.layer_types` and `modulation.inject_layer_types` to be ['spatial'] "
+                "for an image backbone (it has no temporal attention), but got "
+                f"{settings.layer_types} and {settings.inject_layer_types}."
+            )
         self.layer = settings.layer
         if self.layer not in sampler.layers:
             raise ValueError(
@@ -161,9 +177,11 @@ class MaskedModulation:
         x = record.start_latent[frame_idx]
         lat_mask = F.interpolate(masks[:, None], size=x.shape[-2:], mode="nearest")  # (U, 1, h8, w8)
         control = AttentionControl()
+        prefix = record.prefix if (record.prefix is not None and record.prefix.outputs) else None
         with installed_processors(sm.bb.unet, sm.layers, control):
             for step in sm.steps:
                 control.reset()
+                replay = prefix is not None and step == sm.start_step
                 if self.s.inject:
                     control.inject = {
                         name: (q[:, frame_idx].flatten(0, 1), k[:, frame_idx].flatten(0, 1))
@@ -174,7 +192,8 @@ class MaskedModulation:
                     tokens = q_tokens or self._tokens(x)
                     mod = _to_grid(masks, tokens) * (signs.to(dev).view(-1, 1, 1) * self.s.strength)
                     control.modulation = {self.layer: torch.cat([mod, mod])}  # both CFG branches
-                x = sm.cfg_step(x, step)
+                with prefix.replaying(frame_idx) if replay else nullcontext():
+                    x = sm.cfg_step(x, step)
                 if self.s.blend and step in self.s.blend_steps:
                     orig = record.latents[step][frame_idx]
                     x = lat_mask * x + (1 - lat_mask) * orig

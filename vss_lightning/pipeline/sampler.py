@@ -10,6 +10,7 @@ query/key of every decoder attention at every step and the latent after every st
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionControl, decoder_attention_layers, installed_processors
 from .backbone import LoadedBackbone
+from .prefix import PrefixCache
 
 
 def resize_to_multiple(frames: torch.Tensor, multiple: int = 64) -> torch.Tensor:
@@ -51,12 +53,14 @@ class PassRecord:
         latents: step index -> (B, 4, h, w) latent after that step.
         start_latent: (B, 4, h, w) the noised latent the runs start from.
         features: layer name -> (B, tokens, channels) conditional-branch query at the feature step.
+        prefix: the UNet prefix outputs of the first step, when asked for (see `prefix.py`).
     """
 
     qk: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]
     latents: dict[int, torch.Tensor]
     start_latent: torch.Tensor
     features: dict[str, torch.Tensor]
+    prefix: PrefixCache | None = None
 
 
 class DiffusionSampler:
@@ -164,6 +168,7 @@ class DiffusionSampler:
         feature_layers: list[str],
         feature_step: int,
         keep_qk: bool = True,
+        prefix_layer: str | None = None,
     ) -> PassRecord:
         """Run steps start..end-1 on a batch of frames, recording q/k, latents and features.
 
@@ -173,6 +178,8 @@ class DiffusionSampler:
             feature_layers: layer names whose conditional-branch query is the feature.
             feature_step: the step whose queries are the features.
             keep_qk: record q/k of every decoder attention (needed for injection).
+            prefix_layer: if given, keep the outputs of the UNet modules that run before this layer
+                at the first step, so modulated runs can reuse them (`record.prefix`).
 
         Returns:
             The record; tensors stay on the compute device.
@@ -181,24 +188,28 @@ class DiffusionSampler:
             raise ValueError(f"Expected `feature_step` to be in {list(self.steps)}, but got {feature_step}.")
         chunk = max(1, self.max_batch_images // 2)
         record = PassRecord(qk={}, latents={}, start_latent=z_start, features={})
+        if prefix_layer is not None:
+            record.prefix = PrefixCache(self.bb.unet, prefix_layer)
         layers = sorted(set(self.layers) | set(feature_layers))
         x = z_start
         with installed_processors(self.bb.unet, layers, control):
             for step in self.steps:
                 outs, qk_parts, feat_parts = [], [], []
-                for xc in x.split(chunk):
-                    control.reset()
-                    control.record = set(self.layers) if keep_qk else set()
-                    control.capture = set(feature_layers) if step == feature_step else set()
-                    outs.append(self.cfg_step(xc, step))
-                    n = xc.shape[0]
-                    qk_parts.append(
-                        {
-                            k: (q.unflatten(0, (2, n)), kk.unflatten(0, (2, n)))
-                            for k, (q, kk) in control.recorded.items()
-                        }
-                    )
-                    feat_parts.append({k: v[n:] for k, v in control.captured.items()})  # conditional branch
+                keep_prefix = record.prefix is not None and record.prefix.enabled and step == self.start_step
+                with record.prefix.recording() if keep_prefix else nullcontext():
+                    for xc in x.split(chunk):
+                        control.reset()
+                        control.record = set(self.layers) if keep_qk else set()
+                        control.capture = set(feature_layers) if step == feature_step else set()
+                        outs.append(self.cfg_step(xc, step))
+                        n = xc.shape[0]
+                        qk_parts.append(
+                            {
+                                k: (q.unflatten(0, (2, n)), kk.unflatten(0, (2, n)))
+                                for k, (q, kk) in control.recorded.items()
+                            }
+                        )
+                        feat_parts.append({k: v[n:] for k, v in control.captured.items()})  # conditional
                 x = torch.cat(outs)
                 record.latents[step] = x
                 if keep_qk:

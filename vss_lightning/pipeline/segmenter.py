@@ -314,8 +314,17 @@ class VideoSegmenter:
             zt = sm.add_noise(z0.float(), noise.to(dev))
             t0 = tick("encode", t0)
             keep_qk = self.modulation.enabled and self.modulation.inject
+            reuse = self.modulation.enabled and self.modulation.reuse_prefix
+            extra = (
+                {"prefix_layer": self.modulation.layer} if reuse and isinstance(sm, DiffusionSampler) else {}
+            )
             record = sm.unmodulated_pass(
-                zt, control, self.feature_layers + [self.cbr_layer], self.feature_step, keep_qk=keep_qk
+                zt,
+                control,
+                self.feature_layers + [self.cbr_layer],
+                self.feature_step,
+                keep_qk=keep_qk,
+                **extra,
             )
             feats, cbr_feats = self._features(record, size)
             grid = tuple(feats.shape[1:3])
