@@ -112,6 +112,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--pipeline-repeats", type=int, default=2)
+    p.add_argument("--no-prefix-reuse", action="store_true", help="recompute the UNet prefix (before/after)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -123,7 +124,7 @@ def main() -> None:
         num_clusters=args.clusters,
         max_batch_images=args.max_batch_images,
         vae_batch_images=args.vae_batch_images,
-        modulation=ModulationSettings(),
+        modulation=ModulationSettings(reuse_prefix=not args.no_prefix_reuse),
     ).load(device)
     frames = load_frames(args)
     result: dict = {
@@ -135,6 +136,7 @@ def main() -> None:
         "clusters": args.clusters,
         "max_batch_images": args.max_batch_images,
         "vae_batch_images": args.vae_batch_images,
+        "prefix_reuse": not args.no_prefix_reuse,
         "date": time.strftime("%Y-%m-%d"),
         "input": "real frames " + args.frames_dir if args.frames_dir else "random frames",
     }
