@@ -1,0 +1,212 @@
+"""ZeroShotVSS: the thin LightningModule shell (no parameters, seed keys, clip state, errors, OOM retry,
+skip before compute, test-time metrics)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from shards import make_shards, make_video, one_thread  # noqa: F401 (fixture)
+
+from vss_lightning.data.datamodule import VideoShardDataModule
+from vss_lightning.data.format import FailedSample, SampleError, VideoMeta, VideoSample
+from vss_lightning.io.summary import VideoFailed, VideoLabels, VideoSkipped
+from vss_lightning.io.writer import PseudoLabelWriter
+from vss_lightning.module import ZeroShotVSS, seed_key
+from vss_lightning.pipeline.backbone import TinyStableDiffusion
+from vss_lightning.pipeline.segmenter import BatchLabels, VideoSegmenter
+
+
+class FakeSegmenter(VideoSegmenter):
+    """Records each call; labels = clip offset + frame index (mod 4); raises OOM on demand."""
+
+    def __init__(self, oom_times: int = 0) -> None:
+        super().__init__(TinyStableDiffusion(), batch_size=2, num_clusters=3)
+        self.calls: list[dict] = []
+        self.oom_times = oom_times
+        self._loaded = object()
+        self._sampler = SimpleNamespace(max_batch_images=16, vae_batch_images=8)
+
+    def load(self, device="cpu"):
+        return self
+
+    def iter_segment(self, frames, first_frame_gt=None, state=None, key="", seconds=None):
+        self.calls.append(
+            dict(key=key, state=state, context=dict(state.context), gt=first_frame_gt,
+                 budget=(self._sampler.max_batch_images, self._sampler.vae_batch_images))
+        )  # fmt: skip
+        if self.oom_times > 0:
+            self.oom_times -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        t, h, w = frames.shape[0], frames.shape[-2], frames.shape[-1]
+        offset = int(key.rsplit(":", 1)[1])
+        for start in range(0, t, 2):
+            idx = list(range(start, min(start + 2, t)))
+            labels = torch.tensor([(offset + i) % 4 for i in idx]).view(-1, 1, 1).expand(-1, h, w)
+            yield BatchLabels(indices=idx, labels=labels.clone(), coarse=torch.zeros(len(idx), 2, 2))
+        state.context = {"clips": state.context.get("clips", 0) + 1}
+
+
+def _sample(
+    vid: str, t: int = 3, clip: int = 0, num_clips: int = 1, offset: int = 0, labels=None
+) -> VideoSample:
+    meta = VideoMeta(vid, [f"f{offset + i}" for i in range(t)], [(8, 12)] * t, clip_index=clip,
+                     num_clips=num_clips, frame_offset=offset)  # fmt: skip
+    frames = torch.zeros(t, 3, 8, 12, dtype=torch.uint8)
+    return VideoSample(meta, frames, labels, key=f"{vid}__c{clip:04d}", url="shard-0.tar")
+
+
+def test_no_trainable_parameters_even_when_loaded(tiny_backbone):
+    module = ZeroShotVSS(VideoSegmenter(TinyStableDiffusion(), batch_size=2, num_clusters=3))
+    module.load("cpu")
+    assert module.segmenter.loaded
+    assert sum(p.numel() for p in module.parameters()) == 0
+    assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_seed_key_and_labels_of_one_video():
+    seg = FakeSegmenter()
+    module = ZeroShotVSS(seg)
+    out = module.run_sample(_sample("v", t=3, offset=0))
+    assert isinstance(out, VideoLabels) and out.labels.dtype == torch.uint8
+    assert out.labels.shape == (3, 8, 12) and out.labels[:, 0, 0].tolist() == [0, 1, 2]
+    assert seg.calls[0]["key"] == seed_key("v", 0) == "v:0"
+
+
+def test_clips_carry_the_state_of_the_same_video_then_drop_it():
+    seg = FakeSegmenter()
+    module = ZeroShotVSS(seg)
+    module.run_sample(_sample("long", 2, clip=0, num_clips=3, offset=0))
+    module.run_sample(_sample("other", 2))  # interleaved from another DataLoader worker
+    module.run_sample(_sample("long", 2, clip=1, num_clips=3, offset=2))
+    module.run_sample(_sample("long", 1, clip=2, num_clips=3, offset=4))
+    long_calls = [c for c in seg.calls if c["key"].startswith("long")]
+    assert [c["key"] for c in long_calls] == ["long:0", "long:2", "long:4"]
+    assert [c["context"] for c in long_calls] == [{}, {"clips": 1}, {"clips": 2}]
+    assert long_calls[0]["state"] is long_calls[2]["state"]
+    assert module._states == {}  # dropped after the last clip
+
+
+def test_first_frame_gt_needs_a_label_on_frame_0():
+    seg = FakeSegmenter()
+    labels = torch.full((3, 8, 12), 255, dtype=torch.long)
+    labels[1] = 2
+    module = ZeroShotVSS(seg, label_mode="first_frame_gt", num_classes=4)
+    out = module.run_sample(_sample("nolabel", labels=labels))
+    assert isinstance(out, VideoFailed) and "'nolabel'" in out.error and "frame 0 ('f0')" in out.error
+    assert not seg.calls
+    labels[0] = 1
+    out = module.run_sample(_sample("labelled", labels=labels))
+    assert isinstance(out, VideoLabels) and torch.equal(seg.calls[-1]["gt"], labels[0])
+    strict = ZeroShotVSS(FakeSegmenter(), label_mode="first_frame_gt", on_error="fail")
+    with pytest.raises(RuntimeError, match="nolabel"):
+        strict.run_sample(_sample("nolabel", labels=torch.full((3, 8, 12), 255)))
+
+
+def test_failed_sample_and_failed_clip():
+    module = ZeroShotVSS(FakeSegmenter())
+    bad = FailedSample(key="k", url="s.tar", error="corrupt frame", video_id="v")
+    out = module.run_sample(bad)
+    assert isinstance(out, VideoFailed) and out.url == "s.tar" and out.error == "corrupt frame"
+    with pytest.raises(SampleError, match="corrupt frame"):
+        ZeroShotVSS(FakeSegmenter(), on_error="fail").run_sample(bad)
+    # A clip that fails: the later clips of that video are reported, not segmented without context.
+    seg = FakeSegmenter(oom_times=2)
+    module = ZeroShotVSS(seg)
+    first = module.run_sample(_sample("v", 2, clip=0, num_clips=2))
+    later = module.run_sample(_sample("v", 2, clip=1, num_clips=2, offset=2))
+    assert isinstance(first, VideoFailed) and "OutOfMemoryError" in first.error
+    assert isinstance(later, VideoFailed) and "earlier clip" in later.error
+    assert len(seg.calls) == 2  # clip 0 twice (OOM retry), clip 1 never
+
+
+def test_oom_retry_halves_the_budget_once_and_restores_it():
+    seg = FakeSegmenter(oom_times=1)
+    out = ZeroShotVSS(seg).run_sample(_sample("v"))
+    assert isinstance(out, VideoLabels) and out.retried
+    assert [c["budget"] for c in seg.calls] == [(16, 8), (8, 4)]
+    assert (seg.sampler.max_batch_images, seg.sampler.vae_batch_images) == (16, 8)
+    seg = FakeSegmenter(oom_times=1)
+    out = ZeroShotVSS(seg, oom_retry=False).run_sample(_sample("v"))
+    assert isinstance(out, VideoFailed) and len(seg.calls) == 1
+
+
+def test_complete_videos_are_skipped_before_the_pipeline_runs():
+    seg = FakeSegmenter()
+    module = ZeroShotVSS(seg)
+    asked = []
+    complete = {"done_video"}
+    module._writer = lambda: SimpleNamespace(
+        is_complete=lambda meta: asked.append(meta.video_id) or meta.video_id in complete
+    )
+    out = module.run_sample(_sample("done_video"))
+    assert isinstance(out, VideoSkipped) and out.frames == 3 and not seg.calls
+    assert isinstance(module.run_sample(_sample("new_video")), VideoLabels)
+    assert asked == ["done_video", "new_video"]
+    assert isinstance(module.run_sample(_sample("done_video"), skip_complete=False), VideoLabels)
+
+
+def test_settings_hash_follows_the_settings():
+    a = ZeroShotVSS(VideoSegmenter(TinyStableDiffusion(), num_clusters=3))
+    b = ZeroShotVSS(VideoSegmenter(TinyStableDiffusion(), num_clusters=4))
+    c = ZeroShotVSS(VideoSegmenter(TinyStableDiffusion(), num_clusters=3), label_mode="first_frame_gt")
+    assert len({a.settings_hash(), b.settings_hash(), c.settings_hash()}) == 3
+    assert (
+        a.settings_hash()
+        == ZeroShotVSS(VideoSegmenter(TinyStableDiffusion(), num_clusters=3)).settings_hash()
+    )
+    assert a.output_info()["backbone"] == "TinyStableDiffusion(seed=0)"
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="Expected `label_mode`"):
+        ZeroShotVSS(FakeSegmenter(), label_mode="gt")
+    with pytest.raises(ValueError, match="Expected `num_classes`"):
+        ZeroShotVSS(FakeSegmenter(), num_classes=0)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_test_stage_scores_and_writes_metrics(tmp_path):
+    """Trainer.test with the tiny backbone on labelled shards: labels written, metrics.json computed."""
+    videos = make_shards(tmp_path / "shards", [[("lab_a", 3), ("lab_b", 2)]], labelled=True)
+    segmenter = VideoSegmenter(TinyStableDiffusion(), batch_size=4, num_clusters=3, kmeans_n_init=1,
+                               max_batch_images=16)  # fmt: skip
+    module = ZeroShotVSS(segmenter, label_mode="first_frame_gt", num_classes=4)
+    out = tmp_path / "out"
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[PseudoLabelWriter(str(out))])  # fmt: skip
+    results = trainer.test(
+        module, datamodule=VideoShardDataModule(str(tmp_path / "shards" / "*.tar"), num_workers=0)
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["frames"] == 5 and metrics["videos"] == 2 and metrics["failed_videos"] == 0
+    assert (
+        0.0 <= metrics["mIoU"] <= 1.0 and metrics["matching"] == "none" and len(metrics["per_class_iou"]) == 4
+    )
+    assert results[0]["test/mIoU"] == pytest.approx(metrics["mIoU"])
+    for vid, video in videos.items():
+        assert len(list((out / vid).glob("*.png"))) == len(video.frames)
+        assert json.loads((out / vid / "DONE").read_text())["label_mode"] == "first_frame_gt"
+    with pytest.raises(ValueError, match="Expected `model.num_classes`"):
+        ZeroShotVSS(segmenter).setup("test")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_labels_do_not_depend_on_what_ran_before():
+    """The seed key, not the rank or the order, decides a video's labels."""
+    v1, v2 = make_video("x1", 3, seed=1), make_video("x2", 3, seed=2)
+
+    def sample(v):
+        frames = torch.from_numpy(v.frames).permute(0, 3, 1, 2).contiguous()
+        return VideoSample(VideoMeta(v.video_id, v.names, [(128, 192)] * 3), frames, None)
+
+    def run(order):
+        seg = VideoSegmenter(TinyStableDiffusion(), batch_size=4, num_clusters=3, kmeans_n_init=1)
+        module = ZeroShotVSS(seg).load("cpu")
+        return {v.video_id: module.run_sample(sample(v)).labels for v in order}
+
+    a, b = run([v1, v2]), run([v2, v1])
+    assert torch.equal(a["x1"], b["x1"]) and torch.equal(a["x2"], b["x2"])

@@ -1,0 +1,223 @@
+"""The pseudo-label writer: PNG and shard layouts, DONE files, resume index, path safety, summaries."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from vss_lightning.data.format import VideoMeta
+from vss_lightning.io.summary import (
+    SUMMARY,
+    RankSummary,
+    VideoFailed,
+    VideoLabels,
+    VideoSkipped,
+    atomic_write,
+    json_bytes,
+    merge_summaries,
+    read_rank_summaries,
+)
+from vss_lightning.io.writer import PseudoLabelWriter, label_array, preview_png
+
+
+class _Strategy:
+    def broadcast(self, obj, src=0):
+        return obj
+
+
+def _trainer(rank: int = 0, world_size: int = 1):
+    return SimpleNamespace(
+        global_rank=rank, world_size=world_size, is_global_zero=rank == 0, strategy=_Strategy(),
+        received_sigterm=False,
+    )  # fmt: skip
+
+
+class _Module:
+    """Stands in for ZeroShotVSS: only what the writer asks of it."""
+
+    logger = None
+
+    def __init__(self, settings_hash: str = "h1") -> None:
+        self.hash = settings_hash
+
+    def predict_step(self, batch, batch_idx):
+        return batch
+
+    def output_info(self):
+        return {"settings_hash": self.hash, "label_mode": "cluster", "backbone": "test"}
+
+
+def _writer(
+    out: Path, settings_hash: str = "h1", rank: int = 0, world_size: int = 1, **kw
+) -> PseudoLabelWriter:
+    writer = PseudoLabelWriter(str(out), summary_timeout_s=0.0, **kw)
+    writer.setup(_trainer(rank, world_size), _Module(settings_hash), "predict")
+    writer.on_predict_start(None, None)
+    return writer
+
+
+def _meta(vid: str, n: int, clip: int = 0, num_clips: int = 1, offset: int = 0, size=(6, 10)) -> VideoMeta:
+    names = [f"{vid}_{offset + i:05d}" for i in range(n)]
+    return VideoMeta(vid, names, [size] * n, clip_index=clip, num_clips=num_clips, frame_offset=offset)
+
+
+def _labels(n: int, size=(6, 10), high: int = 5, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, high, (n, *size), generator=g)
+
+
+def _finish(writer: PseudoLabelWriter, rank: int = 0) -> None:
+    writer._finish(_trainer(rank, writer.world_size), _Module())
+
+
+def test_png_layout_done_and_resume_index(tmp_path):
+    writer = _writer(tmp_path)
+    labels = _labels(3)
+    meta = _meta("vid_a", 3)
+    assert not writer.is_complete(meta)
+    writer.handle(VideoLabels(meta, labels.to(torch.uint8), "k", "shard.tar"))
+    for i, name in enumerate(meta.frame_names):
+        img = Image.open(tmp_path / "vid_a" / f"{name}.png")
+        assert img.mode == "L" and img.size == (10, 6)
+        np.testing.assert_array_equal(np.asarray(img), labels[i].numpy())
+    done = json.loads((tmp_path / "vid_a" / "DONE").read_text())
+    assert done["frames"] == 3 and done["settings_hash"] == "h1" and done["dtype"] == "uint8"
+    assert writer.is_complete(meta)
+    assert not list(tmp_path.rglob("*.tmp"))
+    # Another run with other settings: not complete, recomputed and counted as such.
+    other = _writer(tmp_path, settings_hash="h2")
+    assert not other.is_complete(meta)
+    other.handle(VideoLabels(meta, labels, "k", "shard.tar"))
+    assert other.summary.recomputed == 1
+    assert json.loads((tmp_path / "vid_a" / "DONE").read_text())["settings_hash"] == "h2"
+
+
+def test_uint16_when_ids_exceed_255(tmp_path):
+    writer = _writer(tmp_path)
+    labels = _labels(2, high=300)
+    labels[0, 0, 0] = 299
+    writer.handle(VideoLabels(_meta("big", 2), labels.to(torch.int32)))
+    arr = np.asarray(Image.open(tmp_path / "big" / "big_00000.png"))
+    assert arr.dtype == np.uint16 and arr[0, 0] == 299
+    np.testing.assert_array_equal(arr, labels[0].numpy())
+    assert label_array(torch.tensor([[[255]]])).dtype == np.uint8
+    with pytest.raises(ValueError, match="Expected label ids"):
+        label_array(torch.tensor([[[-1]]]))
+
+
+def test_clips_get_done_after_the_last_clip(tmp_path):
+    writer = _writer(tmp_path, write_previews=True)
+    first, second = _meta("long", 4, 0, 2, 0), _meta("long", 2, 1, 2, 4)
+    writer.handle(VideoLabels(first, _labels(4)))
+    assert (tmp_path / "long" / "clip-0000.done").exists()
+    assert not (tmp_path / "long" / "DONE").exists() and not writer.is_complete(first)
+    writer.handle(VideoLabels(second, _labels(2)))
+    done = json.loads((tmp_path / "long" / "DONE").read_text())
+    assert done["frames"] == 6 and done["num_clips"] == 2
+    assert not list((tmp_path / "long").glob("clip-*.done"))
+    assert writer.is_complete(second)
+    assert len(list((tmp_path / "long").glob("*.preview.png"))) == 6
+    assert Image.open(tmp_path / "long" / "long_00000.preview.png").mode == "P"
+    assert writer.summary.videos == 1 and writer.summary.clips == 2 and writer.summary.frames == 6
+
+
+def test_unsafe_paths_are_failed_not_written(tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    writer = _writer(out)
+    (out / "linked").symlink_to(outside, target_is_directory=True)
+    writer.handle(VideoLabels(_meta("linked", 1), _labels(1)))
+    bad = VideoMeta("..", ["f"], [(6, 10)])
+    writer.handle(VideoLabels(bad, _labels(1)))
+    assert not list(outside.iterdir())
+    assert [f["video_id"] for f in writer.summary.failed] == ["linked", ".."]
+    assert "inside `output_dir`" in writer.summary.failed[0]["error"]
+
+
+def _read_shards(out: Path) -> dict[str, dict]:
+    urls = sorted(str(p) for p in out.glob("labels-rank*.tar"))
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+
+
+def test_shards_whole_videos_rename_and_resume(tmp_path):
+    writer = _writer(tmp_path, output_format="shards", videos_per_shard=2)
+    labels = {v: _labels(3, seed=i) for i, v in enumerate(["a", "b", "c"])}
+    for vid in ("a", "b"):
+        writer.handle(VideoLabels(_meta(vid, 3), labels[vid]))
+    assert (tmp_path / "labels-rank000-000000.tar").exists()  # closed after 2 videos
+    assert (tmp_path / "labels-rank000-000000.index.json").exists()
+    writer.handle(VideoLabels(_meta("c", 2, 0, 2), labels["c"][:2]))
+    writer.handle(VideoLabels(_meta("c", 1, 1, 2, 2), labels["c"][2:]))
+    assert (tmp_path / "labels-rank000-000001.tar.tmp").exists()
+    _finish(writer)
+    assert not list(tmp_path.glob("*.tmp"))
+    samples = _read_shards(tmp_path)
+    assert sorted(samples) == ["a__c0000", "b__c0000", "c__c0000", "c__c0001"]
+    got = np.asarray(Image.open(io.BytesIO(samples["c__c0001"]["00000.label.png"])))
+    np.testing.assert_array_equal(got, labels["c"][2].numpy())
+    assert json.loads(samples["a__c0000"]["labels.json"])["settings_hash"] == "h1"
+    # A rerun sees every video as complete and numbers its new tars after the old ones.
+    again = _writer(tmp_path, output_format="shards")
+    assert all(again.is_complete(_meta(v, 1)) for v in "abc") and again._shards.next_index == 2
+    # Without the index file the tar itself is scanned.
+    (tmp_path / "labels-rank000-000000.index.json").unlink()
+    assert _writer(tmp_path, output_format="shards").is_complete(_meta("a", 1))
+    with pytest.raises(ValueError, match="Shards cannot be overwritten in place"):
+        _writer(tmp_path, settings_hash="h2", output_format="shards")
+
+
+def test_shards_exception_keeps_finished_videos_and_drops_partial(tmp_path):
+    stale = tmp_path / "labels-rank000-000007.tar.tmp"
+    tmp_path.mkdir(exist_ok=True)
+    stale.write_bytes(b"half a tar")  # left by a killed run of this rank
+    writer = _writer(tmp_path, output_format="shards")
+    assert not stale.exists()
+    writer.handle(VideoLabels(_meta("a", 2), _labels(2)))
+    writer.handle(VideoLabels(_meta("b", 2, 0, 3), _labels(2)))  # clip 0 of 3, never finished
+    writer.on_exception(_trainer(), _Module(), RuntimeError("boom"))
+    assert sorted(_read_shards(tmp_path)) == ["a__c0000"]
+    rank = json.loads((tmp_path / "summary-rank0.json").read_text())
+    assert rank["interrupted"] and rank["videos"] == 2
+
+
+def test_summary_counts_and_merge(tmp_path):
+    w0 = _writer(tmp_path, world_size=2, rank=0)
+    w1 = _writer(tmp_path, world_size=2, rank=1)
+    w1.run_id = w0.run_id = "run"
+    w0.summary.run_id = w1.summary.run_id = "run"
+    w0.handle(VideoLabels(_meta("a", 3), _labels(3)))
+    w0.handle(VideoSkipped(_meta("b", 4)))
+    w1.handle(VideoFailed("c", "c__c0000", "s1.tar", "broken"))
+    w1.handle(VideoFailed(None, "", "s2.tar", "truncated"))
+    _finish(w0)
+    assert not (tmp_path / SUMMARY).exists() or not json.loads((tmp_path / SUMMARY).read_text())["complete"]
+    _finish(w1, rank=1)  # the last rank to finish writes the merged summary
+    merged = json.loads((tmp_path / SUMMARY).read_text())
+    assert merged["complete"] and merged["missing_ranks"] == []
+    assert merged["total"]["videos"] == 1 and merged["total"]["frames"] == 3
+    assert merged["total"]["skipped_videos"] == 1 and merged["total"]["skipped_frames"] == 4
+    assert merged["total"]["failed"] == 2
+    assert {(f["video_id"], f["shard"], f["rank"]) for f in merged["failed"]} == {
+        ("c", "s1.tar", 1),
+        (None, "s2.tar", 1),
+    }
+    # Files of another run are not merged.
+    assert read_rank_summaries(tmp_path, "other-run", 2) == []
+    partial = merge_summaries([RankSummary("r", 0, 3, "predict").to_dict()], 3)
+    assert partial["missing_ranks"] == [1, 2] and not partial["complete"]
+
+
+def test_atomic_write_and_json(tmp_path):
+    atomic_write(tmp_path / "x.json", json_bytes({"a": float("nan"), "b": [1.0, float("inf")]}))
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [1.0, None]}
+    assert os.listdir(tmp_path) == ["x.json"]
+    assert Image.open(io.BytesIO(preview_png(np.array([[0, 300]])))).mode == "P"

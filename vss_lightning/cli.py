@@ -1,0 +1,100 @@
+"""Console scripts: `vss-lightning`, `lightning` and `python -m vss_lightning`.
+
+    vss-lightning predict --config configs/vspw.yaml [--data.shards PATTERN] [--output_dir DIR] ...
+    lightning predict --config configs/vspw.yaml ...
+
+Both run `lightning_cli.VSSLightningCLI` (subcommands predict, test, validate; there is no `fit`, the
+method has no trainable parameter). Lightning AI's cloud SDK (`lightning-sdk`) also installs a script
+named `lightning`; ours hands every subcommand it does not own to that SDK's CLI when the SDK is
+installed, so both keep working. This module imports only the standard library at import time, so
+handing over (and the errors below) cost no Lightning or diffusers import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import sys
+from collections.abc import Callable
+from typing import Any
+
+SUBCOMMANDS = ("predict", "test", "validate")
+SDK_ENTRY_POINT = "lightning_sdk.cli.entrypoint:main_cli"
+NO_FIT = (
+    "error: `{prog} fit` does not exist: the method is training-free (no trainable parameter). "
+    "Use `{prog} predict --config configs/smoke.yaml ...` to label videos, or `{prog} test` to score them."
+)
+SDK_EPILOG = (
+    "Any other subcommand is passed to Lightning AI's `lightning` CLI (package lightning-sdk) "
+    "when it is installed."
+)
+
+
+def main(args: list[str] | None = None, prog: str = "vss-lightning") -> None:
+    """Entry point of `vss-lightning` and `python -m vss_lightning` (args default to `sys.argv[1:]`)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "fit":
+        print(NO_FIT.format(prog=prog), file=sys.stderr)
+        raise SystemExit(2)
+    from vss_lightning.lightning_cli import run_cli
+    from vss_lightning.pipeline.backbone import BackboneNotFoundError
+
+    try:
+        run_cli(args, prog=prog, epilog=SDK_EPILOG if prog == "lightning" else "")
+    except BackboneNotFoundError as e:  # the message says how to fix it; a traceback adds nothing
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _sdk_main() -> Callable[[], Any] | None:
+    """The `lightning` entry point of lightning-sdk, or None when that package is not installed."""
+    if importlib.util.find_spec("lightning_sdk") is None:
+        return None
+    target = SDK_ENTRY_POINT
+    for ep in importlib.metadata.entry_points(group="console_scripts", name="lightning"):
+        if ep.value.split(":")[0].split(".")[0] == "lightning_sdk":
+            target = ep.value  # the installed SDK's own declaration wins over the known default
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _ours(argv: list[str]) -> bool:
+    """Whether `lightning <argv>` is for this package: our subcommands, `fit`, help, top-level options."""
+    if not argv:
+        return True
+    first = argv[0]
+    return first in (*SUBCOMMANDS, "fit", "-h", "--help") or (first.startswith("-") and first != "--version")
+
+
+def lightning_main() -> None:
+    """Entry point of the `lightning` script: predict/test/validate here, anything else to lightning-sdk."""
+    argv = sys.argv[1:]
+    if _ours(argv):
+        main(None if argv else ["--help"], prog="lightning")
+        return
+    try:
+        sdk = _sdk_main()
+    except (ImportError, AttributeError) as e:
+        print(
+            f"error: `lightning {argv[0]}` belongs to Lightning AI's CLI (lightning-sdk), which is "
+            f"installed but failed to load: {type(e).__name__}: {e}. Reinstall it "
+            "(`pip install -U lightning-sdk`).",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from e
+    if sdk is None:
+        print(
+            f"error: Expected a subcommand of this `lightning` script ({', '.join(SUBCOMMANDS)}), but got "
+            f"{argv[0]!r}. Example: `lightning predict --config configs/smoke.yaml "
+            "--data.shards 'shards/*.tar' --output_dir out`. (Other subcommands belong to Lightning AI's "
+            "CLI: `pip install lightning-sdk`.)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    result = sdk()
+    raise SystemExit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

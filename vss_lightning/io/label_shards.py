@@ -1,0 +1,163 @@
+"""Label shards: one rank's labels as WebDataset tars of whole videos, with a resume index.
+
+Files in `output_dir` (`r` the rank, `n` a per-rank counter):
+
+    labels-rank<r>-<n>.tar          one sample per clip: `meta.json`, `labels.json`, `<i>.label.png`
+    labels-rank<r>-<n>.index.json   {"videos": {video_id: {"num_clips", "settings_hash"}}, ...}
+
+A tar is written as `.tmp`, closed, its index written, then renamed: a tar under its final name is
+complete, and holds whole videos only (the clips of a video are buffered, as encoded PNGs, until its
+last clip). A tar without an index (killed between the two renames) is scanned instead. Tars cannot
+be rewritten in place, so a folder holding labels of other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from .summary import atomic_write, json_bytes, read_json
+
+SHARD = "labels-rank{rank:03d}-{index:06d}.tar"
+SHARD_INDEX = "labels-rank{rank:03d}-{index:06d}.index.json"
+
+
+def scan_tar(path: Path) -> dict[str, dict[str, Any]]:
+    """The complete videos of a label tar, from its `labels.json` members (when its index is missing)."""
+    clips: dict[str, dict[str, Any]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.name.endswith(".labels.json"):
+                continue
+            f = tar.extractfile(member)
+            rec = json.loads(f.read()) if f is not None else {}
+            entry = clips.setdefault(rec["video_id"], {"clips": set(), **rec})
+            entry["clips"].add(rec["clip_index"])
+    return {
+        vid: {"num_clips": e["num_clips"], "settings_hash": e["settings_hash"]}
+        for vid, e in clips.items()
+        if e["clips"] == set(range(e["num_clips"]))
+    }
+
+
+class LabelShardStore:
+    """The label tars of one rank, and the index of every rank's finished tars.
+
+    Args:
+        root: the output folder.
+        rank: this process's global rank.
+        world_size: number of ranks.
+        settings_hash: the settings hash of this run's labels.
+        run_id: recorded in the index files.
+        videos_per_shard: close a tar after this many videos.
+        shard_max_bytes: close a tar once it holds this many bytes of labels.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        rank: int,
+        world_size: int,
+        settings_hash: str,
+        run_id: str = "",
+        videos_per_shard: int = 100,
+        shard_max_bytes: int = 1 << 30,
+    ) -> None:
+        self.root, self.rank, self.world_size = root, rank, world_size
+        self.settings_hash, self.run_id = settings_hash, run_id
+        self.videos_per_shard, self.shard_max_bytes = videos_per_shard, shard_max_bytes
+        self.complete: dict[str, str] = {}  # video id -> settings hash, from finished tars
+        self.pending: dict[str, list[dict[str, Any]]] = {}  # clips of videos not finished yet
+        self.next_index = 0
+        self._tar: wds.TarWriter | None = None
+        self._file: Any = None
+        self._videos: dict[str, dict[str, Any]] = {}
+        self._bytes = 0
+
+    def _name(self, index: int, index_file: bool = False) -> str:
+        return (SHARD_INDEX if index_file else SHARD).format(rank=self.rank, index=index)
+
+    def open(self) -> LabelShardStore:
+        """Remove this rank's unfinished tars and read the index of all finished ones; returns self.
+
+        Raises:
+            ValueError: if a finished tar holds labels of other settings.
+        """
+        for tmp in self.root.glob("labels-rank*-*.tar.tmp"):  # left by a killed run
+            try:
+                owner = int(tmp.name[len("labels-rank") :].split("-")[0])
+            except ValueError:
+                continue
+            if owner == self.rank or (self.rank == 0 and owner >= self.world_size):
+                tmp.unlink(missing_ok=True)
+        self.complete, last = {}, -1
+        for tar in sorted(self.root.glob("labels-rank*-*.tar")):
+            stem = tar.name[: -len(".tar")]
+            index = read_json(tar.with_name(f"{stem}.index.json"))
+            videos = index["videos"] if index is not None else scan_tar(tar)
+            for vid, info in videos.items():
+                if info.get("settings_hash") != self.settings_hash:
+                    raise ValueError(
+                        f"Expected `output_dir` {str(self.root)!r} to hold labels made with the current "
+                        f"settings (hash {self.settings_hash!r}), but {tar.name} holds video {vid!r} made "
+                        f"with hash {info.get('settings_hash')!r}. Shards cannot be overwritten in place: "
+                        "use a new --output_dir, or delete the old labels-rank*.tar files."
+                    )
+                self.complete[vid] = info["settings_hash"]
+            if tar.name.startswith(f"labels-rank{self.rank:03d}-"):
+                last = max(last, int(stem.rsplit("-", 1)[1]))
+        self.next_index = last + 1
+        return self
+
+    def is_complete(self, video_id: str) -> bool:
+        """Whether a finished tar (of any rank, or this run) holds the whole video."""
+        return video_id in self.complete
+
+    def add_clip(self, video_id: str, clip_index: int, num_clips: int, sample: dict[str, Any]) -> None:
+        """Buffer one clip's sample; store the whole video when its last clip comes.
+
+        Raises:
+            ValueError: if the clips of a video do not come in order (the video is dropped).
+        """
+        pending = self.pending.setdefault(video_id, [])
+        if clip_index != len(pending):
+            self.pending.pop(video_id, None)
+            raise ValueError(
+                f"Expected the clips of video {video_id!r} to arrive in order on one rank (clip "
+                f"{len(pending)} next), but got clip {clip_index}. Keep each video in one shard "
+                "(data_tools does)."
+            )
+        pending.append(sample)
+        if clip_index == num_clips - 1:
+            self._store(video_id, self.pending.pop(video_id), num_clips)
+
+    def _store(self, video_id: str, samples: list[dict[str, Any]], num_clips: int) -> None:
+        if self._tar is None:
+            self._file = open(self.root / f"{self._name(self.next_index)}.tmp", "wb")  # noqa: SIM115
+            self._tar = wds.TarWriter(self._file, encoder=False)
+        for sample in samples:
+            self._tar.write(sample)
+            self._bytes += sum(len(v) for k, v in sample.items() if not k.startswith("__"))
+        self._videos[video_id] = {"num_clips": num_clips, "settings_hash": self.settings_hash}
+        self.complete[video_id] = self.settings_hash
+        if len(self._videos) >= self.videos_per_shard or self._bytes >= self.shard_max_bytes:
+            self.close()
+
+    def close(self) -> None:
+        """Finish the open tar: close it, write its index, rename it from `.tmp` (in that order)."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.close()
+        index = {"videos": self._videos, "rank": self.rank, "run_id": self.run_id}
+        atomic_write(self.root / self._name(self.next_index, index_file=True), json_bytes(index))
+        name = self._name(self.next_index)
+        os.replace(self.root / f"{name}.tmp", self.root / name)
+        self._tar, self._file = None, None
+        self.next_index += 1
+        self._videos, self._bytes = {}, 0

@@ -1,0 +1,258 @@
+"""What a step hands to the writer (one result per sample) and the per-rank / merged run summary.
+
+`ZeroShotVSS` returns one of `VideoLabels` (labels computed), `VideoSkipped` (output already
+complete with the same settings) or `VideoFailed` (unreadable sample, or the pipeline raised) per
+sample; the writer stores the labels and counts all three in a `RankSummary`. Each rank writes
+`summary-rank<k>.json`; `merge_summaries` adds them up into `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vss_lightning.data.format import VideoMeta
+
+SUMMARY_RANK = "summary-rank{rank}.json"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class VideoLabels:
+    """Labels computed for one sample (a whole video, or one clip of it).
+
+    Attributes:
+        meta: the sample's metadata (video id, frame names, clip index, ...).
+        labels: (T, H, W) label ids on the CPU, uint8 when every id is below 256, else int32.
+        key: the sample's tar key.
+        url: the shard it came from.
+        seconds: wall-clock seconds of the pipeline on this sample.
+        retried: True when the sample ran a second time with a halved memory budget after an OOM.
+    """
+
+    meta: VideoMeta
+    labels: torch.Tensor
+    key: str = ""
+    url: str = ""
+    seconds: float = 0.0
+    retried: bool = False
+
+    @property
+    def frames(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class VideoSkipped:
+    """A sample whose output is already complete with the same settings hash (not recomputed)."""
+
+    meta: VideoMeta
+    key: str = ""
+    url: str = ""
+
+    @property
+    def frames(self) -> int:
+        return len(self.meta.frame_names)
+
+
+@dataclass
+class VideoFailed:
+    """A sample that could not be read or segmented; the job went on without it.
+
+    Attributes:
+        video_id: the video id, None when the sample's metadata could not be read.
+        key: the tar key ("" for a shard-level error).
+        url: the shard.
+        error: what went wrong (names the file or video and the fix).
+        clip_index: the clip of the video, when known.
+    """
+
+    video_id: str | None
+    key: str
+    url: str
+    error: str
+    clip_index: int | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "video_id": self.video_id,
+            "key": self.key,
+            "shard": self.url,
+            "clip_index": self.clip_index,
+            "error": self.error,
+        }
+
+
+VideoResult = VideoLabels | VideoSkipped | VideoFailed
+
+
+@dataclass
+class RankSummary:
+    """Counts of one rank over one run.
+
+    Attributes:
+        run_id: identifies the run (the same on every rank), so stale files of an earlier run are
+            never merged.
+        rank: global rank.
+        world_size: number of ranks of the run.
+        stage: "predict", "test" or "validate".
+        settings_hash: the settings hash the labels were written with.
+        videos: videos with labels written by this rank (a video split into clips counts once).
+        clips: samples (videos or clips) with labels written.
+        frames: frames with labels written.
+        skipped_videos: videos whose output was already complete (not recomputed).
+        skipped_frames: frames of those.
+        recomputed: videos whose earlier output had another settings hash and was overwritten.
+        retried_oom: samples that needed the halved memory budget.
+        failed: one record per failed sample (video id, key, shard, clip, error).
+        seconds: wall-clock seconds from the start of the loop to the end.
+        frames_per_second: `frames / seconds` (computed frames only).
+        interrupted: True when the rank stopped on an exception or signal.
+        finished_at: Unix time of the end.
+    """
+
+    run_id: str
+    rank: int
+    world_size: int
+    stage: str
+    settings_hash: str = ""
+    videos: int = 0
+    clips: int = 0
+    frames: int = 0
+    skipped_videos: int = 0
+    skipped_frames: int = 0
+    recomputed: int = 0
+    retried_oom: int = 0
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    frames_per_second: float = 0.0
+    interrupted: bool = False
+    finished_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._start = time.perf_counter()
+        self._written: set[str] = set()
+        self._skipped: set[str] = set()
+
+    def add(self, result: VideoResult) -> None:
+        """Count one result."""
+        if isinstance(result, VideoLabels):
+            self.clips += 1
+            self.frames += result.frames
+            self.retried_oom += int(result.retried)
+            if result.meta.video_id not in self._written:
+                self._written.add(result.meta.video_id)
+                self.videos += 1
+        elif isinstance(result, VideoSkipped):
+            self.skipped_frames += result.frames
+            if result.meta.video_id not in self._skipped:
+                self._skipped.add(result.meta.video_id)
+                self.skipped_videos += 1
+        else:
+            self.failed.append(result.record())
+
+    def finish(self, interrupted: bool = False) -> None:
+        """Stamp the wall-clock time (call once at the end)."""
+        self.seconds = time.perf_counter() - self._start
+        self.frames_per_second = self.frames / self.seconds if self.seconds > 0 else 0.0
+        self.interrupted = interrupted
+        self.finished_at = time.time()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary name in the same folder and `os.replace`.
+
+    A reader (or a rerun after a kill) sees either the old file, the complete new one, or nothing;
+    never a half-written file under the final name.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def json_bytes(obj: Any) -> bytes:
+    """JSON with NaN/inf written as null (strict JSON readers reject NaN)."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return (json.dumps(clean(obj), indent=2, sort_keys=True) + "\n").encode()
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None when the file is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def merge_summaries(ranks: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+    """Add up the rank summaries of one run.
+
+    Args:
+        ranks: the `RankSummary.to_dict()` of the ranks found (any order).
+        world_size: the run's number of ranks; ranks without a summary are listed in `missing_ranks`.
+
+    Returns:
+        {"total": {...}, "per_rank": [...], "missing_ranks": [...], ...}: totals of videos, clips,
+        frames, skipped and failed, the slowest rank's seconds and the aggregate frames/s.
+    """
+    ranks = sorted(ranks, key=lambda r: r["rank"])
+    keys = ("videos", "clips", "frames", "skipped_videos", "skipped_frames", "recomputed", "retried_oom")
+    total: dict[str, Any] = {k: sum(int(r[k]) for r in ranks) for k in keys}
+    total["failed"] = sum(len(r["failed"]) for r in ranks)
+    total["seconds"] = max((float(r["seconds"]) for r in ranks), default=0.0)
+    total["frames_per_second"] = total["frames"] / total["seconds"] if total["seconds"] > 0 else 0.0
+    found = {r["rank"] for r in ranks}
+    first = ranks[0] if ranks else {}
+    return {
+        "run_id": first.get("run_id", ""),
+        "stage": first.get("stage", ""),
+        "settings_hash": first.get("settings_hash", ""),
+        "world_size": world_size,
+        "complete": len(found) == world_size and not any(r["interrupted"] for r in ranks),
+        "missing_ranks": [k for k in range(world_size) if k not in found],
+        "total": total,
+        "failed": [dict(f, rank=r["rank"]) for r in ranks for f in r["failed"]],
+        "per_rank": [
+            {k: v for k, v in r.items() if k != "failed"} | {"failed": len(r["failed"])} for r in ranks
+        ],
+        "finished_at": max((float(r["finished_at"]) for r in ranks), default=0.0),
+    }
+
+
+def read_rank_summaries(output_dir: Path, run_id: str, world_size: int) -> list[dict[str, Any]]:
+    """The rank summaries of run `run_id` present in `output_dir` (files of other runs are ignored)."""
+    found = []
+    for rank in range(world_size):
+        path = output_dir / SUMMARY_RANK.format(rank=rank)
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("run_id") == run_id:
+            found.append(data)
+    return found

@@ -1,0 +1,443 @@
+"""The pseudo-label writer: labels to disk as they are computed, exactly once, resumable.
+
+Output layout under `output_dir`:
+
+- `png` (default): `<video_id>/<frame_name>.png`, one single-channel label map per frame at the
+  frame's size (uint8, or uint16 when an id exceeds 255), `<frame_name>.preview.png` colour previews
+  with `write_previews`, and a `DONE` file written last: JSON with the frame count and the settings
+  hash. A video split into clips gets `clip-<k>.done` per clip, replaced by `DONE` once all its clips
+  are there.
+- `shards`: WebDataset tars `labels-rank<r>-<n>.tar`, one sample per clip (`meta.json`, `labels.json`
+  and `<i>.label.png` per frame), written per rank; a tar holds whole videos only and is renamed from
+  `.tmp` when closed, next to an index `labels-rank<r>-<n>.index.json`.
+- `summary-rank<k>.json` per rank and `summary.json` (merged), `metrics.json` after test/validate.
+
+Every file is written under a temporary name and renamed, so a killed job never leaves a label that
+looks complete; `DONE` (or a renamed tar) is the only mark of completion. A rerun asks `is_complete`
+before computing a video and skips it when its output is complete with the same settings hash.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from PIL import Image
+
+from vss_lightning.data.format import SampleError, VideoMeta, encode_png, sample_key, validate_name
+
+from .label_shards import LabelShardStore
+from .summary import (
+    SUMMARY,
+    SUMMARY_RANK,
+    RankSummary,
+    VideoFailed,
+    VideoLabels,
+    VideoResult,
+    VideoSkipped,
+    atomic_write,
+    json_bytes,
+    merge_summaries,
+    read_json,
+    read_rank_summaries,
+)
+
+log = logging.getLogger(__name__)
+
+DONE = "DONE"
+CLIP_DONE = "clip-{index:04d}.done"
+
+
+def label_array(labels: torch.Tensor) -> np.ndarray:
+    """(T, H, W) integer labels -> uint8 array, or uint16 when an id exceeds 255.
+
+    Raises:
+        ValueError: on negative ids or ids above 65535 (not storable in a PNG label map).
+    """
+    if labels.numel() == 0:
+        return labels.numpy().astype(np.uint8)
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi > 65535:
+        raise ValueError(f"Expected label ids in [0, 65535] to write PNG label maps, but got [{lo}, {hi}].")
+    return labels.numpy().astype(np.uint8 if hi <= 255 else np.uint16)
+
+
+def _palette() -> list[int]:
+    """A fixed 256-colour palette (the PASCAL VOC bit-interleaving scheme)."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+_PALETTE = _palette()
+
+
+def preview_png(label: np.ndarray) -> bytes:
+    """A palette PNG showing an (H, W) label map in colour (ids above 255 wrap around)."""
+    img = Image.fromarray((label.astype(np.int64) % 256).astype(np.uint8))
+    img.putpalette(_PALETTE)  # an "L" image with a palette becomes a "P" image
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class PseudoLabelWriter(BasePredictionWriter):
+    """Writes the labels of each sample as soon as its step ends (nothing accumulates in memory).
+
+    Runs on every rank on that rank's own samples (no collective but one broadcast in `setup`). The
+    LightningModule asks `is_complete(meta)` before computing a sample, so a rerun into the same
+    `output_dir` skips finished videos. Also counts every result into `summary-rank<k>.json` and
+    merges them into `summary.json` (see `_merge`).
+
+    Args:
+        output_dir: the output folder (created if needed).
+        output_format: "png" (one PNG per frame in a folder per video) or "shards" (WebDataset tars).
+        write_previews: also write a colour preview per frame (`<frame>.preview.png`).
+        videos_per_shard: with "shards", close a tar after this many videos.
+        shard_max_bytes: with "shards", close a tar once it holds this many bytes of labels.
+        summary_timeout_s: how long rank 0 waits at the end for the other ranks' summaries before it
+            writes a partial `summary.json` (the last rank to finish writes the full one anyway).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        output_format: Literal["png", "shards"] = "png",
+        write_previews: bool = False,
+        videos_per_shard: int = 100,
+        shard_max_bytes: int = 1 << 30,
+        summary_timeout_s: float = 600.0,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+            raise ValueError(f"Expected `output_dir` to be a folder path, but got {output_dir!r}.")
+        if output_format not in ("png", "shards"):
+            raise ValueError(f"Expected `output_format` to be 'png' or 'shards', but got {output_format!r}.")
+        if videos_per_shard < 1 or shard_max_bytes < 1:
+            raise ValueError(
+                "Expected `videos_per_shard` and `shard_max_bytes` to be at least 1, but got "
+                f"{videos_per_shard} and {shard_max_bytes}."
+            )
+        self.output_dir = str(output_dir)
+        self.output_format = output_format
+        self.write_previews = write_previews
+        self.videos_per_shard = videos_per_shard
+        self.shard_max_bytes = shard_max_bytes
+        self.summary_timeout_s = summary_timeout_s
+        self.root = Path(self.output_dir).expanduser().resolve()
+        self.info: dict[str, Any] = {"settings_hash": ""}
+        self.rank, self.world_size = 0, 1
+        self.run_id = ""
+        self.summary: RankSummary | None = None
+        self._stale_warned: set[str] = set()
+        self._stale: set[str] = set()
+        self._shards: LabelShardStore | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    @property
+    def settings_hash(self) -> str:
+        return str(self.info.get("settings_hash", ""))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.root.mkdir(parents=True, exist_ok=True)
+        info = getattr(pl_module, "output_info", None)
+        self.info = dict(info()) if callable(info) else {"settings_hash": ""}
+        self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        # The one collective of the writer: every rank reaches setup. Names this run's summaries.
+        self.run_id = trainer.strategy.broadcast(uuid.uuid4().hex if trainer.is_global_zero else "", src=0)
+        self._stage = stage
+        self._stale_warned.clear()
+        self._stale.clear()
+        self._shards = None
+        if self.output_format == "shards":
+            self._shards = LabelShardStore(
+                self.root, self.rank, self.world_size, self.settings_hash, self.run_id, self.videos_per_shard,
+                self.shard_max_bytes,
+            ).open()  # fmt: skip
+
+    def _start(self) -> None:
+        self.summary = RankSummary(
+            run_id=self.run_id,
+            rank=self.rank,
+            world_size=self.world_size,
+            stage=self._stage,
+            settings_hash=self.settings_hash,
+        )
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start()
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start()
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """Close the open tar (it holds whole videos only) and record this rank's counts."""
+        if self.summary is None:
+            return
+        if self._shards is not None:
+            self._shards.pending.clear()  # unfinished videos are not stored
+            self._shards.close()
+        self.summary.finish(interrupted=True)
+        self._write_rank_summary()
+        self._merge(wait=False)
+        self.summary = None
+
+    # -- the output index: asked by the module before it computes a sample -------------------------
+    def is_complete(self, meta: VideoMeta) -> bool:
+        """Whether the whole video of `meta` is already written with this run's settings hash.
+
+        A video written with another settings hash is not complete: it is recomputed and overwritten
+        (logged once per video; shards refuse such an `output_dir` in `setup`).
+        """
+        vid = meta.video_id
+        if self._shards is not None:
+            return self._shards.is_complete(vid)
+        done = read_json(self._path(vid, DONE))
+        if done is None:
+            return False
+        if done.get("settings_hash") == self.settings_hash:
+            return True
+        if vid not in self._stale_warned:
+            self._stale_warned.add(vid)
+            self._stale.add(vid)
+            log.warning(
+                f"Video {vid!r}: the labels in {self._path(vid)} were made with other settings "
+                f"(hash {done.get('settings_hash')!r}, now {self.settings_hash!r}); recomputing and "
+                "overwriting them."
+            )
+        return False
+
+    # -- writing ------------------------------------------------------------------------------------
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.handle(prediction)
+        if trainer.received_sigterm:
+            # Lightning's predict loop ignores SIGTERM; stop after this sample (its output is complete).
+            log.warning(f"Rank {self.rank}: SIGTERM received; stopped after the current video or clip.")
+            raise SIGTERMException(143)
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.handle(outputs)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.handle(outputs)
+
+    def handle(self, result: VideoResult) -> None:
+        """Write one step's result (labels) and count it in the summary."""
+        if not isinstance(result, (VideoLabels, VideoSkipped, VideoFailed)):
+            raise TypeError(
+                "Expected the step to return a VideoLabels, VideoSkipped or VideoFailed (use "
+                f"vss_lightning.module.ZeroShotVSS), but got {type(result).__name__}."
+            )
+        if self.summary is None:
+            self._start()
+        if isinstance(result, VideoLabels):
+            try:
+                if self.output_format == "png":
+                    self._write_png(result)
+                else:
+                    self._write_shard_sample(result)
+            except (SampleError, ValueError) as e:  # unsafe names, unstorable ids, clips out of order
+                log.warning(f"Video {result.meta.video_id!r} ({result.url}) not written: {e}")
+                result = VideoFailed(
+                    result.meta.video_id, result.key, result.url, str(e), result.meta.clip_index
+                )
+            else:
+                if result.meta.video_id in self._stale:
+                    self._stale.discard(result.meta.video_id)
+                    self.summary.recomputed += 1
+        self.summary.add(result)
+
+    def _path(self, *parts: str) -> Path:
+        """`output_dir/<parts>` with each part a safe name and the result inside `output_dir`."""
+        for part in parts:
+            validate_name(part, "output path component")
+        path = self.root.joinpath(*parts).resolve()
+        if not path.is_relative_to(self.root):
+            raise SampleError(
+                f"Expected the output path of {'/'.join(parts)!r} to stay inside `output_dir` "
+                f"{str(self.root)!r}, but it resolves to {str(path)!r} (a symbolic link?). Remove the link "
+                "or use another output_dir."
+            )
+        return path
+
+    def _record(self, res: VideoLabels, arr: np.ndarray) -> dict[str, Any]:
+        meta = res.meta
+        return {
+            "video_id": meta.video_id,
+            "frames": res.frames,
+            "clip_index": meta.clip_index,
+            "num_clips": meta.num_clips,
+            "frame_offset": meta.frame_offset,
+            "dtype": str(arr.dtype),
+            "settings_hash": self.settings_hash,
+            "label_mode": self.info.get("label_mode"),
+            "backbone": self.info.get("backbone"),
+        }
+
+    def _write_png(self, res: VideoLabels) -> None:
+        meta = res.meta
+        vid = meta.video_id
+        arr = label_array(res.labels)  # (T, H, W)
+        if arr.shape[0] != len(meta.frame_names):
+            raise ValueError(
+                f"Expected {len(meta.frame_names)} label maps for video {vid!r}, but got {arr.shape[0]}."
+            )
+        vdir = self._path(vid)
+        vdir.mkdir(exist_ok=True)
+        done = self._path(vid, DONE)
+        done.unlink(missing_ok=True)  # the video is being (re)written: it is not complete until DONE is back
+        for stale in vdir.glob(".*.tmp"):  # left by a killed run (this video is written by this rank only)
+            stale.unlink(missing_ok=True)
+        if meta.clip_index == 0:
+            for stale in vdir.glob("clip-*.done"):
+                stale.unlink(missing_ok=True)
+        for i, name in enumerate(meta.frame_names):
+            atomic_write(self._path(vid, f"{name}.png"), encode_png(arr[i]))
+            if self.write_previews:
+                atomic_write(self._path(vid, f"{name}.preview.png"), preview_png(arr[i]))
+        record = self._record(res, arr)
+        if meta.num_clips <= 1:
+            atomic_write(done, json_bytes(record))
+            return
+        atomic_write(self._path(vid, CLIP_DONE.format(index=meta.clip_index)), json_bytes(record))
+        clips = [read_json(self._path(vid, CLIP_DONE.format(index=k))) for k in range(meta.num_clips)]
+        if all(c is not None and c.get("settings_hash") == self.settings_hash for c in clips):
+            record.update(frames=sum(int(c["frames"]) for c in clips), clip_index=None, frame_offset=0)
+            atomic_write(done, json_bytes(record))
+            for k in range(meta.num_clips):
+                self._path(vid, CLIP_DONE.format(index=k)).unlink(missing_ok=True)
+
+    # -- shards ---------------------------------------------------------------------------------
+    def _write_shard_sample(self, res: VideoLabels) -> None:
+        meta = res.meta
+        vid = validate_name(meta.video_id, "video id")
+        if self._shards.is_complete(vid):  # test/validate recompute complete videos: never store twice
+            return
+        arr = label_array(res.labels)
+        sample: dict[str, Any] = {
+            "__key__": sample_key(vid, meta.clip_index),
+            "meta.json": meta.to_json(),
+            "labels.json": json_bytes(self._record(res, arr)),
+        }
+        for i in range(arr.shape[0]):
+            sample[f"{i:05d}.label.png"] = encode_png(arr[i])
+            if self.write_previews:
+                sample[f"{i:05d}.preview.png"] = preview_png(arr[i])
+        self._shards.add_clip(vid, meta.clip_index, meta.num_clips, sample)
+
+    # -- the end: summaries ---------------------------------------------------------------------
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.summary is None:
+            return
+        if self._shards is not None:
+            for vid, samples in self._shards.pending.items():  # videos whose last clip never came here
+                error = f"Expected all clips of video {vid!r} on this rank, but only {len(samples)} came."
+                self.summary.add(VideoFailed(vid, samples[0]["__key__"], "", error))
+            self._shards.pending.clear()
+            self._shards.close()
+        self.summary.finish()
+        self._write_rank_summary()
+        merged = self._merge(wait=self.rank == 0)
+        if self.rank == 0 and merged is not None:
+            t = merged["total"]
+            log.warning(
+                f"{merged['stage']}: {t['videos']} videos ({t['frames']} frames) written, "
+                f"{t['skipped_videos']} skipped as complete, {t['failed']} failed; "
+                f"{t['frames_per_second']:.2f} frames/s. "
+                f"Summary: {self.root / SUMMARY}"
+            )
+            if pl_module.logger is not None:
+                scalars = {k: v for k, v in t.items() if isinstance(v, (int, float))}
+                pl_module.logger.log_metrics(
+                    {f"{merged['stage']}/summary/{k}": v for k, v in scalars.items()}
+                )
+        self.summary = None
+
+    def _write_rank_summary(self) -> None:
+        path = self.root / SUMMARY_RANK.format(rank=self.rank)
+        atomic_write(path, json_bytes(self.summary.to_dict()))
+
+    def _merge(self, wait: bool) -> dict[str, Any] | None:
+        """Merge the ranks' summaries into `summary.json` once all of this run's are there.
+
+        No collective: every rank writes its own file, then looks for the others; whichever rank
+        sees all of them writes the merged file (several may, with the same content). Rank 0 also
+        polls for up to `summary_timeout_s`, then writes what it has with `missing_ranks` listed.
+        A barrier would also work here, but it would fail with the process-group timeout when ranks
+        finish far apart (uneven shards) and hang when a rank died; polling does neither.
+        """
+        deadline = time.monotonic() + (self.summary_timeout_s if wait else 0.0)
+        while True:
+            found = read_rank_summaries(self.root, self.run_id, self.world_size)
+            if len(found) == self.world_size or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if len(found) < self.world_size and not wait:
+            return None
+        merged = merge_summaries(found, self.world_size)
+        if merged["missing_ranks"]:
+            log.warning(
+                f"No summary from ranks {merged['missing_ranks']} after {self.summary_timeout_s:.0f} s; "
+                f"{self.root / SUMMARY} is partial (the last rank to finish rewrites it)."
+            )
+        atomic_write(self.root / SUMMARY, json_bytes(merged))
+        return merged
