@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--pipeline-repeats", type=int, default=2)
     p.add_argument("--no-prefix-reuse", action="store_true", help="recompute the UNet prefix (before/after)")
+    p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder")
+    p.add_argument("--channels-last", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -125,6 +127,8 @@ def main() -> None:
         max_batch_images=args.max_batch_images,
         vae_batch_images=args.vae_batch_images,
         modulation=ModulationSettings(reuse_prefix=not args.no_prefix_reuse),
+        compile_vae_decoder=args.compile_vae,
+        channels_last=args.channels_last,
     ).load(device)
     frames = load_frames(args)
     result: dict = {
@@ -137,6 +141,8 @@ def main() -> None:
         "max_batch_images": args.max_batch_images,
         "vae_batch_images": args.vae_batch_images,
         "prefix_reuse": not args.no_prefix_reuse,
+        "compile_vae_decoder": args.compile_vae,
+        "channels_last": args.channels_last,
         "date": time.strftime("%Y-%m-%d"),
         "input": "real frames " + args.frames_dir if args.frames_dir else "random frames",
     }

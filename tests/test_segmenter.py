@@ -110,3 +110,24 @@ def test_user_errors_are_clear():
         )  # 1 frame of 64x64 = 4x4 = 16 feature points < 50 clusters
     with pytest.raises(RuntimeError, match="load"):
         VideoSegmenter(backbone=TinyStableDiffusion()).segment(torch.zeros((1, 3, 64, 64), dtype=torch.uint8))
+
+
+def test_settings_hash_ignores_speed_settings_only():
+    base = VideoSegmenter(backbone=TinyStableDiffusion()).settings()
+    fast = VideoSegmenter(
+        backbone=TinyStableDiffusion(),
+        max_batch_images=8,
+        channels_last=True,
+        modulation=ModulationSettings(reuse_prefix=False),
+    ).settings()
+    assert fast == base
+    assert VideoSegmenter(backbone=TinyStableDiffusion(), num_clusters=7).settings() != base
+    assert VideoSegmenter(backbone=TinyStableDiffusion(seed=1)).settings() != base
+
+
+def test_channels_last_gives_the_same_labels(camvid_clip):
+    frames, _ = camvid_clip
+    kw = dict(batch_size=2, max_batch_images=64)
+    a = _segmenter(**kw).segment(frames[:2], key="v:0").labels
+    b = _segmenter(channels_last=True, **kw).segment(frames[:2], key="v:0").labels
+    assert (a == b).float().mean() > 0.999

@@ -122,7 +122,13 @@ class DiffusionSampler:
         vae = self.bb.vae
         out = []
         for chunk in latents.split(self.vae_batch_images):
-            out.append(vae.decode(chunk.to(self.bb.dtype) / vae.config.scaling_factor).sample.float())
+            n = chunk.shape[0]
+            if n < self.vae_batch_images and isinstance(vae.decoder, torch._dynamo.OptimizedModule):
+                # one input shape for a compiled decoder: pad the last chunk instead of recompiling
+                pad = chunk[-1:].expand(self.vae_batch_images - n, -1, -1, -1)
+                chunk = torch.cat([chunk, pad])
+            img = vae.decode(chunk.to(self.bb.dtype) / vae.config.scaling_factor).sample.float()
+            out.append(img[:n])
         return torch.cat(out)
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
