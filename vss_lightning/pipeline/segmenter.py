@@ -86,7 +86,7 @@ def noise_seed(seed: int, key: str, start: int) -> int:
 
 
 class VideoSegmenter:
-    """Zero-shot video semantic segmentation with a Stable Diffusion backbone.
+    """Zero-shot video semantic segmentation with a diffusion backbone (SD 2.1 or SVD).
 
     Args:
         backbone: the diffusion backbone (default: Stable Diffusion 2.1-base from the hub).
@@ -99,7 +99,7 @@ class VideoSegmenter:
         num_inference_steps: length of the schedule (25).
         noise_step: step index whose noise level the frames are noised to (22, t = 119).
         feature_step: step whose queries are the features (24, t = 39).
-        guidance_scale: classifier-free guidance scale (5).
+        guidance_scale: classifier-free guidance scale (5; for SVD the top of its per-frame ramp).
         feature_blocks: decoder blocks (paper numbering) whose self-attention queries are averaged
             when `aggregate_features` (6, 7, 8).
         aggregate_features: average the `feature_blocks` features; else use `single_feature_block`.
@@ -200,9 +200,10 @@ class VideoSegmenter:
         vae, unet = self._loaded.vae, self._loaded.unet
         if self.vae_tiling and hasattr(vae, "enable_tiling"):
             vae.enable_tiling()
-        if self.channels_last:
-            unet.to(memory_format=torch.channels_last)
-            vae.to(memory_format=torch.channels_last)
+        if self.channels_last:  # modules with 5-D (video) weights keep their layout
+            for module in (unet, vae):
+                if all(p.dim() <= 4 for p in module.parameters()):
+                    module.to(memory_format=torch.channels_last)
         if self.compile_vae_decoder:
             vae.decoder = torch.compile(vae.decoder)
         self._sampler = self.backbone.make_sampler(

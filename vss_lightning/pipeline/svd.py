@@ -568,8 +568,12 @@ class SVDSampler:
         vae = self.bb.vae
         out = []
         for chunk in latents.split(self.vae_batch_images):
+            n = chunk.shape[0]
+            if n < self.vae_batch_images and isinstance(vae.decoder, torch._dynamo.OptimizedModule):
+                # one input shape for a compiled decoder: pad the last chunk instead of recompiling
+                chunk = torch.cat([chunk, chunk[-1:].expand(self.vae_batch_images - n, -1, -1, -1)])
             z = chunk.to(self.bb.device, self.bb.dtype) / vae.config.scaling_factor
-            out.append(vae.decode(z, num_frames=1).sample.float())
+            out.append(vae.decode(z, num_frames=1).sample.float()[:n])
         return torch.cat(out)
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
