@@ -24,6 +24,7 @@ from PIL import Image
 from vss_lightning.data.format import IGNORE_INDEX
 
 from .common import (
+    SOURCE_FORMATS,
     ConversionError,
     DatasetInfo,
     FrameSpec,
@@ -139,9 +140,9 @@ def _flat_label_kind(label_dirs: list[Path]) -> tuple[LabelFn, int, list[str]]:
         images, _ = list_images(d)
         if images:
             try:
-                with Image.open(images[0]) as img:
+                with Image.open(images[0], formats=list(SOURCE_FORMATS)) as img:
                     rgb = img.mode in ("RGB", "RGBA")
-            except OSError as e:
+            except (OSError, Image.DecompressionBombError) as e:
                 raise ConversionError(f"Expected label file {images[0]} to be readable, but got {e}.") from e
             if rgb:
                 return colour_label_ids, len(CLASSES_32), CLASSES_32

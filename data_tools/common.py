@@ -18,11 +18,14 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from vss_lightning.data.format import FRAME_EXTS, IGNORE_INDEX
+from vss_lightning.data.format import DEFAULT_MAX_PIXELS, FRAME_EXTS, IGNORE_INDEX, SampleError, open_image
 
 # Frame files the converters pick up. FRAME_EXTS are stored byte for byte; the others are decoded and
 # re-encoded (see `--image-format`).
 IMAGE_EXTS = tuple(f".{e}" for e in FRAME_EXTS) + (".bmp", ".tif", ".tiff")
+# The PIL formats an input file may be, whatever its suffix: no other PIL plugin (EPS runs Ghostscript,
+# ...) ever sees the bytes of a source folder.
+SOURCE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 
 JPEG_QUALITY = 95
 
@@ -158,6 +161,23 @@ def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, others
 
 
+_RAISE = "Raise `--data.max_pixels` if the image is genuine."
+_RESIZE = "Resize it: `vss-lightning` refuses larger frames unless `--data.max_pixels` is raised."
+
+
+def open_source_image(data: bytes, path: Path) -> Image.Image:
+    """Open an input image from its header: one of `SOURCE_FORMATS`, at most `DEFAULT_MAX_PIXELS` pixels
+    (what the reader accepts by default), checked before anything is decoded.
+
+    Raises:
+        ConversionError: naming the file, if it is not such an image.
+    """
+    try:
+        return open_image(data, f"image file {path}", DEFAULT_MAX_PIXELS, SOURCE_FORMATS)
+    except SampleError as e:
+        raise ConversionError(str(e).replace(_RAISE, _RESIZE)) from e
+
+
 def read_label(path: Path) -> np.ndarray:
     """Decode a label file without any colour conversion (palette PNGs keep their indices).
 
@@ -165,10 +185,14 @@ def read_label(path: Path) -> np.ndarray:
         ConversionError: if the file cannot be read or decoded.
     """
     try:
-        with Image.open(path) as img:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConversionError(f"Expected label file {path} to be readable, but got {e}.") from e
+    try:
+        with open_source_image(data, path) as img:
             img.load()
             return np.asarray(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError) as e:
         raise ConversionError(
             f"Expected label file {path} to be a readable image, but got {type(e).__name__}: {e}. "
             "Re-export or remove the file."

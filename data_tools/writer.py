@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from vss_lightning.data.format import (
     FRAME_EXTS,
+    FRAME_FORMATS,
     IGNORE_INDEX,
     SCHEMA,
     SampleError,
@@ -50,7 +50,16 @@ from vss_lightning.data.format import (
     validate_name,
 )
 
-from .common import ConversionError, DatasetInfo, FrameSpec, Scan, VideoSpec, encode_image, read_label
+from .common import (
+    ConversionError,
+    DatasetInfo,
+    FrameSpec,
+    Scan,
+    VideoSpec,
+    encode_image,
+    open_source_image,
+    read_label,
+)
 
 _RECORD = tarfile.RECORDSIZE  # a closed tar is padded to a multiple of this
 
@@ -63,12 +72,12 @@ def _frame_bytes(frame: FrameSpec, image_format: Literal["jpg", "png"]) -> tuple
         raise ConversionError(f"Expected frame file {frame.path} to be readable, but got {e}.") from e
     ext = frame.path.suffix.lower().lstrip(".")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_source_image(data, frame.path) as img:
             img.load()  # a full decode: truncated or corrupt files fail here, not at inference
             size = (img.height, img.width)
-            if ext not in FRAME_EXTS:
+            if ext not in FRAME_EXTS or img.format not in FRAME_FORMATS:  # e.g. a BMP named .jpg
                 data, ext = encode_image(img, image_format), image_format
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError) as e:
         raise ConversionError(
             f"Expected frame file {frame.path} to be a readable image, but got {type(e).__name__}: {e}. "
             "Re-encode or remove the file."

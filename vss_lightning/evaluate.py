@@ -28,11 +28,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 
 from vss_lightning.data.format import IGNORE_INDEX, VideoMeta, decode_sample
+from vss_lightning.data.reader import as_local, tar_samples
 from vss_lightning.metrics import VideoSegmentationMetrics
 
 PRED_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
@@ -71,7 +71,7 @@ def expand_shards(pattern: str) -> list[str]:
     urls: list[str] = []
     for part in braceexpand(pattern):
         if _GLOB_CHARS & set(part) and "://" not in part:
-            urls.extend(sorted(glob.glob(part)))
+            urls.extend(sorted(as_local(p) for p in glob.glob(part)))
         else:
             urls.append(part)
     if not urls:
@@ -113,7 +113,7 @@ def iter_labelled_videos(urls: Sequence[str]) -> Iterator[LabelledVideo]:
         EvaluationError: if a video appears twice, or some of its clips are missing from the shards.
         SampleError: if a sample cannot be decoded (the message names the shard and video).
     """
-    dataset = wds.WebDataset(list(urls), shardshuffle=False, empty_check=False)
+    dataset = tar_samples(list(urls))  # only schema fields are read; shard errors propagate
     pending: dict[str, dict[int, tuple[list[str], torch.Tensor, str]]] = {}
     done: set[str] = set()
     for raw in dataset:
@@ -167,10 +167,10 @@ def read_prediction(path: str, size: tuple[int, int]) -> np.ndarray | str:
     if not os.path.isfile(path):
         return "missing"
     try:
-        with Image.open(path) as img:  # reads the header; pixels only when mode and size fit
+        with Image.open(path, formats=["PNG"]) as img:  # the header; pixels only when mode and size fit
             mode, got = img.mode, (img.height, img.width)
             array = np.asarray(img) if mode in PRED_MODES and got == tuple(size) else None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise EvaluationError(
             f"Expected prediction {path!r} to be a readable PNG, but got {type(e).__name__}: {e}."
         ) from e

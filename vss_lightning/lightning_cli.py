@@ -12,6 +12,10 @@ each subcommand takes the output arguments of the command-line contract:
 
 and builds the `PseudoLabelWriter` and the progress bar from them. Predict runs with
 `return_predictions=False` (labels go to the writer, nothing accumulates in memory).
+
+With a logger (e.g. the W&B overlay `configs/logger/wandb.yaml`), the resolved config goes to every
+logger's hyperparameters; a `WandbLogger` gets a `WandbVideoLogger` callback unless the config lists
+one, and keeps its run under `<output_dir>/wandb/` unless its `save_dir` is set (other than ".").
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from jsonargparse import ActionYesNo
+import yaml
+from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
+from vss_lightning.callbacks import WandbVideoLogger
 from vss_lightning.data.datamodule import VideoShardDataModule
 from vss_lightning.io.progress import VideoProgressBar
 from vss_lightning.io.summary import atomic_write
@@ -38,7 +45,8 @@ DESCRIPTION = (
 
 
 class SaveConfigToOutput(SaveConfigCallback):
-    """Saves the resolved config as `<output_dir>/config-<stage>.yaml` (rank 0, overwriting)."""
+    """Saves the resolved config as `<output_dir>/config-<stage>.yaml` (rank 0, overwriting) and
+    hands it to every logger's `log_hyperparams` (W&B: the run's config)."""
 
     def __init__(self, parser: LightningArgumentParser, config: Any, **kwargs: Any) -> None:
         super().__init__(parser, config, overwrite=True, save_to_log_dir=False)
@@ -48,6 +56,10 @@ class SaveConfigToOutput(SaveConfigCallback):
         out.mkdir(parents=True, exist_ok=True)
         text = self.parser.dump(self.config, skip_none=False, skip_link_targets=False)
         atomic_write(out / f"config-{getattr(stage, 'value', stage)}.yaml", text.encode())
+        if trainer.loggers:  # plain types only (the YAML just written), as loggers expect
+            config = yaml.safe_load(text)
+            for logger in trainer.loggers:
+                logger.log_hyperparams(config)
 
 
 class VSSLightningCLI(LightningCLI):
@@ -55,7 +67,10 @@ class VSSLightningCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {name: {"model", "dataloaders", "datamodule"} for name in SUBCOMMANDS}
+        # No `--ckpt_path`/`--weights_only` (issue #11): the model is training-free and its weights load
+        # from safetensors; Lightning would unpickle a checkpoint and apply its hyperparameters.
+        skip = {"model", "dataloaders", "datamodule", "ckpt_path", "weights_only"}
+        return {name: set(skip) for name in SUBCOMMANDS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -98,6 +113,14 @@ class VSSLightningCLI(LightningCLI):
             self.parser.error(f"Expected `--output_dir` to be set for `{self.subcommand}`, but got none.")
         if self.subcommand == "predict" and config.get("return_predictions") is None:
             config["return_predictions"] = False
+        logger = config.get("trainer.logger")
+        if (
+            isinstance(logger, Namespace)
+            and str(logger.get("class_path", "")).endswith("WandbLogger")
+            and isinstance(logger.get("init_args"), Namespace)
+            and str(logger.get("init_args.save_dir", ".")) in ("", ".")
+        ):
+            logger["init_args.save_dir"] = config["output_dir"]  # the W&B run beside the labels
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = self.config[self.subcommand]
@@ -112,6 +135,12 @@ class VSSLightningCLI(LightningCLI):
         user = trainer_config.get("callbacks") or []
         user = user if isinstance(user, list) else [user]
         callbacks.append(writer)
+        loggers = trainer_config.get("logger")
+        loggers = loggers if isinstance(loggers, list) else [loggers]
+        if any(isinstance(lg, WandbLogger) for lg in loggers) and not any(
+            isinstance(c, WandbVideoLogger) for c in user + callbacks
+        ):
+            callbacks.append(WandbVideoLogger())
         wants_bar = trainer_config.get("enable_progress_bar") in (None, True)
         if wants_bar and not any(isinstance(c, ProgressBar) for c in user + callbacks):
             callbacks.append(VideoProgressBar())

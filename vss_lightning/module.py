@@ -220,7 +220,7 @@ class ZeroShotVSS(L.LightningModule):
         writer = self._writer() if skip_complete else None
         if writer is not None and writer.is_complete(meta):
             self._states.pop(vid, None)
-            return VideoSkipped(meta, sample.key, sample.url)
+            return VideoSkipped(meta, sample.key, sample.url, ignored_fields=sample.ignored_fields)
         expected, state = self._states.pop(vid, (0, None))
         continuing = state is not None and expected == meta.clip_index
         if meta.clip_index > 0 and not continuing:
@@ -235,7 +235,7 @@ class ZeroShotVSS(L.LightningModule):
                 if self.label_mode == "first_frame_gt" and not continuing
                 else None
             )
-            labels, seconds, retried = self._segment(sample, gt, state)
+            labels, seconds, stage_seconds, retried = self._segment(sample, gt, state)
         except Exception as e:  # noqa: BLE001 - one bad video must not stop a labelling job (on_error)
             if not last_clip:
                 self._failed_videos.add(vid)
@@ -246,7 +246,10 @@ class ZeroShotVSS(L.LightningModule):
             return VideoFailed(vid, sample.key, sample.url, message, meta.clip_index)
         if not last_clip:
             self._states[vid] = (meta.clip_index + 1, state)
-        return VideoLabels(meta, labels, sample.key, sample.url, seconds, retried)
+        return VideoLabels(
+            meta, labels, sample.key, sample.url, seconds, retried, stage_seconds,
+            ignored_fields=sample.ignored_fields,  # shard members outside the schema (issue #11)
+        )  # fmt: skip
 
     def _first_frame_gt(self, sample: VideoSample) -> torch.Tensor:
         ignore = self.segmenter.ignore_index
@@ -261,7 +264,7 @@ class ZeroShotVSS(L.LightningModule):
 
     def _segment(
         self, sample: VideoSample, gt: torch.Tensor | None, state: VideoState
-    ) -> tuple[torch.Tensor, float, bool]:
+    ) -> tuple[torch.Tensor, float, dict[str, float], bool]:
         """Run the pipeline; on a GPU OOM retry once with half the memory budget."""
         try:
             return *self._run(sample, gt, state), False
@@ -285,19 +288,24 @@ class ZeroShotVSS(L.LightningModule):
 
     def _run(
         self, sample: VideoSample, gt: torch.Tensor | None, state: VideoState
-    ) -> tuple[torch.Tensor, float]:
-        """Stream the video through the segmenter into a compact (T, H, W) uint8 (or int32) tensor."""
+    ) -> tuple[torch.Tensor, float, dict[str, float]]:
+        """Stream the video through the segmenter into a compact (T, H, W) uint8 (or int32) tensor.
+
+        Returns:
+            The labels, the wall-clock seconds and the seconds per pipeline stage.
+        """
         frames = sample.frames
         t, h, w = frames.shape[0], frames.shape[-2], frames.shape[-1]
         out = torch.empty((t, h, w), dtype=torch.uint8)
         t0 = time.perf_counter()
         key = seed_key(sample.meta.video_id, sample.meta.frame_offset)
-        for part in self.segmenter.iter_segment(frames, gt, state, key=key):
+        stage_seconds: dict[str, float] = {}  # filled by the segmenter, per stage
+        for part in self.segmenter.iter_segment(frames, gt, state, key=key, seconds=stage_seconds):
             labels = part.labels
             if labels.numel() and out.dtype == torch.uint8 and int(labels.max()) > 255:
                 out = out.to(torch.int32)
             out[part.indices] = labels.to(out.dtype)
-        return out, time.perf_counter() - t0
+        return out, time.perf_counter() - t0, stage_seconds
 
     # -- evaluation -----------------------------------------------------------------------------
     def _score(self, sample: VideoSample | FailedSample, result: VideoResult) -> None:

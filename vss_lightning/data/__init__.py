@@ -1,4 +1,5 @@
-"""Data layer: the shard sample schema (`format`) and the DataModule that reads shards (`datamodule`).
+"""Data layer: the shard sample schema (`format`), the tar reader that reads only its fields
+(`reader`) and the DataModule that reads shards (`datamodule`).
 
 `format` is imported eagerly (light: numpy, torch, Pillow); the DataModule (Lightning, WebDataset) is
 imported on first use, so `data_tools` can use the schema without loading Lightning.
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .format import (
     DEFAULT_MAX_FRAMES,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SAMPLE_PIXELS,
     IGNORE_INDEX,
     SCHEMA,
     FailedSample,
@@ -32,6 +34,7 @@ _LAZY = {"VideoShardDataModule", "VideoShardDataset"}
 __all__ = [
     "DEFAULT_MAX_FRAMES",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_SAMPLE_PIXELS",
     "IGNORE_INDEX",
     "SCHEMA",
     "FailedSample",

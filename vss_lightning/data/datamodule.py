@@ -1,8 +1,8 @@
 """Read WebDataset shards of the `format` schema: one `VideoSample` (or `FailedSample`) per step.
 
-Pipeline per DataLoader worker: `wds.WebDataset(urls, shardshuffle=False, nodesplitter=<by rank>,
-workersplitter=<by worker>, empty_check=False, handler=...)` yields raw samples (bytes by field, no
-`.decode`, so no member is ever unpickled), each mapped with `format.decode_sample`. The loader uses
+Pipeline per DataLoader worker: the sorted shard urls, split by rank then by worker, go through
+`reader.tar_samples` (raw samples: only the schema's fields are read, their sizes checked from the tar
+headers first; nothing is ever unpickled), each mapped with `format.decode_sample`. The loader uses
 `batch_size=None` and a pass-through `collate_fn`: a step's batch is the dataclass itself. Order is
 never shuffled: within a worker, shards are read in order and samples in tar order, so the clips of a
 video (written consecutively into one shard by data_tools) arrive in order.
@@ -22,8 +22,11 @@ Split strategy (every shard, hence every video, read exactly once):
 
 Memory per worker is bounded by about two decoded samples: tar members are streamed (no shard is read
 into memory as a whole), one raw sample is grouped and decoded at a time, and the loader keeps at most
-`PREFETCH_FACTOR` (= 1) finished sample per worker in its queue. `max_frames` and `max_pixels` bound the
-size of one sample; split long videos into clips with `--max-frames-per-clip`.
+`PREFETCH_FACTOR` (= 1) finished sample per worker in its queue. `max_frames`, `max_pixels` and
+`max_sample_pixels` bound the size of one sample, raw and decoded (checked from tar headers, image
+headers and metadata before anything large is read or decoded); split long videos into clips with
+`--max-frames-per-clip`. Members outside the schema are never read; their count per sample is
+`VideoSample.ignored_fields` (in `summary.json` as `ignored_fields`), logged once per shard.
 
 Errors: a sample that fails to decode (`SampleError`: corrupt frame, wrong label size, missing
 `meta.json`, ...) or a shard that cannot be read (missing, truncated, not a tar) becomes a
@@ -38,9 +41,9 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
-from functools import partial
 from itertools import islice
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse
@@ -48,18 +51,21 @@ from urllib.parse import urlparse
 import braceexpand
 import lightning as L
 import torch.distributed as dist
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .format import (
     DEFAULT_MAX_FRAMES,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SAMPLE_PIXELS,
     FailedSample,
     SampleError,
     VideoMeta,
     VideoSample,
     decode_sample,
 )
+from .reader import as_local, tar_samples
+
+log = logging.getLogger(__name__)
 
 PREFETCH_FACTOR = 1  # finished samples queued per worker; each holds a whole decoded clip
 MANIFEST = "manifest.json"
@@ -129,7 +135,7 @@ def _read_manifest(folder: str) -> dict[str, Any]:
         names = [s["name"] for s in manifest["shards"]]
         if not all(isinstance(n, str) and n and os.path.basename(n) == n for n in names):
             raise ValueError(f"shard names must be plain file names, got {names[:3]}")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(
             f"Expected {path} to be the manifest.json written by data_tools, but reading it failed with "
             f"{type(e).__name__}: {e}. Rewrite it with `python -m data_tools ... --overwrite`."
@@ -168,11 +174,11 @@ def resolve_shards(shards: str | list[str]) -> tuple[list[str], dict[str, int]]:
                     f"Expected the folder {item!r} in `shards` to hold the {MANIFEST} of data_tools, but it "
                     "has none. Pass a pattern such as 'dir/*.tar' instead."
                 )
-            urls.extend(os.path.join(item, s["name"]) for s in _read_manifest(item)["shards"])
+            urls.extend(as_local(os.path.join(item, s["name"])) for s in _read_manifest(item)["shards"])
             continue
         for path in braceexpand.braceexpand(item):
             if glob.has_magic(path):
-                found = sorted(glob.glob(path))
+                found = sorted(as_local(p) for p in glob.glob(path))
                 if not found:
                     raise ValueError(
                         f"Expected the pattern {path!r} in `shards` to match shard files, but got none."
@@ -225,6 +231,7 @@ class _Stream:
         self.broken: set[str] = set()
         self.pending: list[FailedSample] = []
         self.checked = 0
+        self.warned: set[str] = set()
 
     def worker_split(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for item in split_by_worker(src):
@@ -232,9 +239,9 @@ class _Stream:
             yield item
 
     def handle(self, exn: Exception) -> bool:
-        """WebDataset error handler for shard-level errors (open, tar read, grouping)."""
+        """Error handler of `reader.tar_samples` for shard-level errors (open, tar read)."""
         url = self.opened[-1] if self.opened else "<no shard opened yet>"
-        what = str(exn.args[0]).split(" @ <")[0] if exn.args else ""  # WebDataset appends the stream
+        what = str(exn)
         msg = (
             f"Expected shard {url!r} to be a readable, complete tar file, but reading it failed with "
             f"{type(exn).__name__}: {what}. Samples before the damage were delivered; the rest of this "
@@ -271,13 +278,21 @@ class _Stream:
     def _decode(self, raw: dict[str, Any]) -> VideoSample | FailedSample:
         key, url = str(raw.get("__key__", "")), str(raw.get("__url__", ""))
         try:
-            return decode_sample(raw, max_pixels=self.ds.max_pixels, max_frames=self.ds.max_frames)
+            sample = decode_sample(raw, self.ds.max_pixels, self.ds.max_frames, self.ds.max_sample_pixels)
         except _DECODE_ERRORS as e:
             msg = str(e) if isinstance(e, SampleError) else (
                 f"Expected sample {key!r} of shard {url!r} to decode, but got {type(e).__name__}: {e}. "
                 "Rebuild the shard with `python -m data_tools`."
             )  # fmt: skip
             return self._fail(FailedSample(key=key, url=url, error=msg, video_id=_peek_video_id(raw)), e)
+        if sample.ignored_fields and url not in self.warned:
+            self.warned.add(url)
+            log.warning(
+                f"Shard {url!r}: sample {key!r} holds {sample.ignored_fields} member(s) outside the sample "
+                "schema (e.g. pickles); they were not read. Counted per video in summary.json "
+                "(`ignored_fields`); logged once per shard."
+            )
+        return sample
 
     def run(self, src: Iterable[dict[str, Any]]) -> Iterator[VideoSample | FailedSample]:
         for raw in src:
@@ -299,6 +314,7 @@ class VideoShardDataset(IterableDataset):
         max_frames: largest number of frames per sample.
         on_error: "skip" yields a `FailedSample` for a bad sample or shard, "fail" raises `SampleError`.
         expected: samples per shard url from the manifests (for truncation checks), or None.
+        max_sample_pixels: largest number of pixels of one sample (frames x H x W).
     """
 
     def __init__(
@@ -310,6 +326,7 @@ class VideoShardDataset(IterableDataset):
         max_frames: int = DEFAULT_MAX_FRAMES,
         on_error: Literal["skip", "fail"] = "skip",
         expected: dict[str, int] | None = None,
+        max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -321,18 +338,14 @@ class VideoShardDataset(IterableDataset):
         self.urls = sorted(urls)
         self.rank, self.world_size = rank, world_size
         self.max_pixels, self.max_frames, self.on_error = max_pixels, max_frames, on_error
+        self.max_sample_pixels = max_sample_pixels
         self.expected = dict(expected or {})
 
     def __iter__(self) -> Iterator[VideoSample | FailedSample]:
         stream = _Stream(self)
-        raw = wds.WebDataset(
-            self.urls,
-            shardshuffle=False,
-            nodesplitter=partial(split_by_rank, rank=self.rank, world_size=self.world_size),
-            workersplitter=stream.worker_split,
-            empty_check=False,
-            handler=stream.handle,
-        )
+        urls = ({"url": url} for url in self.urls)
+        mine = stream.worker_split(split_by_rank(urls, self.rank, self.world_size))
+        raw = tar_samples(mine, stream.handle, self.max_pixels, self.max_frames, self.max_sample_pixels)
         return stream.run(raw)
 
 
@@ -350,9 +363,13 @@ class VideoShardDataModule(L.LightningDataModule):
         shards: a brace pattern (`out/x-{000000..000009}.tar`), a glob, a folder holding the
             `manifest.json` of data_tools, or a list of these.
         num_workers: DataLoader worker processes per rank (0: read in the main process).
-        max_pixels: largest frame (H * W) decoded; larger frames fail the sample.
+        max_pixels: largest frame (H * W) decoded, checked from the image header; larger frames fail
+            the sample.
         max_frames: largest number of frames per sample; longer samples fail.
         on_error: "skip" hands a bad sample or shard on as a `FailedSample`; "fail" raises.
+        max_sample_pixels: largest number of pixels of one sample (frames x H x W), checked from its
+            metadata before decoding; bounds a sample's memory. Larger samples fail; split long videos
+            into clips with `python -m data_tools ... --max-frames-per-clip N`.
     """
 
     def __init__(
@@ -362,6 +379,7 @@ class VideoShardDataModule(L.LightningDataModule):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_frames: int = DEFAULT_MAX_FRAMES,
         on_error: Literal["skip", "fail"] = "skip",
+        max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
     ) -> None:
         super().__init__()
         if isinstance(shards, str):
@@ -374,8 +392,9 @@ class VideoShardDataModule(L.LightningDataModule):
             raise ValueError(
                 f"Expected `shards` to be a non-empty string or list of strings, but got {shards!r}."
             )
-        for name, value, low in (("num_workers", num_workers, 0), ("max_pixels", max_pixels, 1),
-                                 ("max_frames", max_frames, 1)):  # fmt: skip
+        limits = (("num_workers", num_workers, 0), ("max_pixels", max_pixels, 1),
+                  ("max_frames", max_frames, 1), ("max_sample_pixels", max_sample_pixels, 1))  # fmt: skip
+        for name, value, low in limits:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"Expected `{name}` to be an integer >= {low}, but got {value!r}.")
         if on_error not in ("skip", "fail"):
@@ -383,6 +402,7 @@ class VideoShardDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.shards = shards if isinstance(shards, str) else list(shards)
         self.num_workers, self.max_pixels, self.max_frames = num_workers, max_pixels, max_frames
+        self.max_sample_pixels = max_sample_pixels
         self.on_error = on_error
         self._urls: list[str] | None = None
         self._expected: dict[str, int] = {}
@@ -402,8 +422,9 @@ class VideoShardDataModule(L.LightningDataModule):
         """This rank's dataset (rank and world size are taken now, see the module docstring)."""
         rank, world_size = rank_and_world_size(self.trainer)
         return VideoShardDataset(
-            self.urls, rank, world_size, self.max_pixels, self.max_frames, self.on_error, self._expected
-        )
+            self.urls, rank, world_size, self.max_pixels, self.max_frames, self.on_error, self._expected,
+            self.max_sample_pixels,
+        )  # fmt: skip
 
     def _loader(self) -> DataLoader:
         return DataLoader(

@@ -10,7 +10,14 @@ A sample is one video, or one clip of a long video. In the tar file its members 
 
 WebDataset groups members by the part of the base name before its first dot, so `<key>` has no dot
 (`sample_key`). Only these fields are ever decoded; any other member (a pickle, a `.pth`, ...) is
-ignored and counted in `VideoSample.ignored_fields`, never deserialised.
+ignored and counted in `VideoSample.ignored_fields`, never read or deserialised.
+
+Limits on untrusted shards (each failure fails that sample with a `SampleError`, never the job):
+`meta.json` at most `MAX_META_BYTES`; names from the data checked by `validate_name`; images opened
+only as JPEG/PNG/WebP (labels PNG) and refused from their header above `max_pixels`; at most
+`max_frames` frames and `max_sample_pixels` pixels (all frames together) per sample, checked from
+the metadata before anything is decoded. `data.reader` checks member sizes from the tar headers
+(`field_byte_limit`) before it reads them.
 
 Label maps use 255 as the ignore index in every dataset.
 """
@@ -21,6 +28,7 @@ import io
 import json
 import re
 import unicodedata
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,7 +41,16 @@ IGNORE_INDEX = 255
 FRAME_EXTS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_MAX_PIXELS = 8192 * 8192  # well above a 4K frame (3840 x 2160 = 8.3 Mpx)
 DEFAULT_MAX_FRAMES = 100_000
-MAX_NAME_LENGTH = 200
+DEFAULT_MAX_SAMPLE_PIXELS = 1 << 30  # frames x H x W of one sample: ~500 frames of 1080p, 128 of 4K
+MAX_NAME_LENGTH = 200  # UTF-8 bytes of a name from the data
+# UTF-8 bytes of an output file name: a data name plus a suffix such as ".preview.png" fits, and so
+# does its temporary name `.<name>.<pid>.tmp` within the 255 bytes of common file systems.
+MAX_OUTPUT_NAME_LENGTH = 240
+MAX_META_BYTES = 32 << 20  # > 100_000 frame names of 200 characters with their sizes
+MAX_CLIPS = 100_000
+FRAME_FORMATS = ("JPEG", "PNG", "WEBP")  # PIL formats tried on a frame (no EPS, ... plugin ever runs)
+LABEL_FORMATS = ("PNG",)
+_IMAGE_BYTES_PER_PIXEL = 8  # the most an encoded image needs per pixel (uncompressed 16-bit RGBA PNG)
 
 _FRAME_RE = re.compile(r"^(\d{5,6})\.(jpg|jpeg|png|webp)$")
 _LABEL_RE = re.compile(r"^(\d{5,6})\.label\.png$")
@@ -44,15 +61,35 @@ class SampleError(ValueError):
     """A sample (video) that cannot be used: the message names the shard, the video and the fix."""
 
 
-def validate_name(name: Any, what: str) -> str:
+@dataclass(frozen=True)
+class Refused:
+    """A field the shard reader left unread (`reason`: too large, repeated); its sample fails."""
+
+    reason: str
+
+
+def is_schema_field(name: str) -> bool:
+    """Whether a field name (the part of a tar member name after the key) belongs to the schema."""
+    return name == "meta.json" or bool(_FRAME_RE.match(name) or _LABEL_RE.match(name))
+
+
+def field_byte_limit(name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The most bytes a schema field may hold: `MAX_META_BYTES` for `meta.json`, else what an image of
+    `max_pixels` pixels can need encoded (8 bytes per pixel plus 1 MiB)."""
+    return MAX_META_BYTES if name == "meta.json" else _IMAGE_BYTES_PER_PIXEL * max_pixels + (1 << 20)
+
+
+def validate_name(name: Any, what: str, max_length: int = MAX_NAME_LENGTH) -> str:
     """Check that a name taken from data can be used as one path component.
 
     Refuses separators, `.`/`..`, absolute paths, control characters, a leading dot and names longer
-    than `MAX_NAME_LENGTH`.
+    than `max_length` UTF-8 bytes.
 
     Args:
         name: the value read from the data (a video id, a frame name, ...).
         what: what the name is, for the error message (e.g. "video id").
+        max_length: the most UTF-8 bytes (`MAX_OUTPUT_NAME_LENGTH` for an output file name made
+            from a data name).
 
     Returns:
         The name unchanged.
@@ -63,8 +100,9 @@ def validate_name(name: Any, what: str) -> str:
     problem = None
     if not isinstance(name, str):
         problem = f"a string, but got {type(name).__name__} {name!r}"
-    elif not name or len(name) > MAX_NAME_LENGTH:
-        problem = f"1 to {MAX_NAME_LENGTH} characters long, but got {len(name)} characters ({name[:40]!r})"
+    elif not name or len(name.encode("utf-8", "surrogatepass")) > max_length:
+        size = len(name.encode("utf-8", "surrogatepass"))
+        problem = f"1 to {max_length} bytes long (UTF-8), but got {size} bytes ({name[:40]!r})"
     elif "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
         problem = f"a plain file name (no '/', '\\\\', leading '.' or '..'), but got {name!r}"
     elif any(unicodedata.category(c)[0] == "C" for c in name):
@@ -119,9 +157,26 @@ class VideoMeta:
 
     @classmethod
     def from_json(cls, data: bytes, where: str = "") -> VideoMeta:
+        """Parse and check a `meta.json` record read from a shard (untrusted).
+
+        Raises:
+            SampleError: if it is larger than `MAX_META_BYTES`, not valid JSON of this schema, or holds
+                unsafe names or out-of-range values.
+        """
+        if not isinstance(data, (bytes, str)):
+            reason = data.reason if isinstance(data, Refused) else f"it is a {type(data).__name__}"
+            raise SampleError(
+                f"Expected `meta.json` of {where} to be read, but it was not: {reason}. Rebuild the shard "
+                "with `python -m data_tools` (long videos: `--max-frames-per-clip N`)."
+            )
+        if len(data) > MAX_META_BYTES:
+            raise SampleError(
+                f"Expected `meta.json` of {where} to be at most {MAX_META_BYTES} bytes, but got {len(data)}. "
+                "Split the video into clips with `python -m data_tools ... --max-frames-per-clip N`."
+            )
         try:
             d = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting
             raise SampleError(f"Expected `meta.json` of {where} to be valid JSON, but got {e}.") from e
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             got = d.get("schema") if isinstance(d, dict) else type(d).__name__
@@ -132,9 +187,12 @@ class VideoMeta:
         known = set(cls.__dataclass_fields__)
         try:
             meta = cls(**{k: v for k, v in d.items() if k in known})
+            if not isinstance(meta.frame_names, list):
+                raise TypeError(f"frame_names must be a list, not {type(meta.frame_names).__name__}")
             meta.sizes = [(int(h), int(w)) for h, w in meta.sizes]
             meta.labelled = [int(i) for i in meta.labelled]
             meta.label_set = [int(i) for i in meta.label_set]
+            _check_fields(meta)
         except (TypeError, ValueError) as e:
             raise SampleError(f"Expected `meta.json` of {where} to match the schema, but got {e}.") from e
         validate_name(meta.video_id, f"video id in {where}")
@@ -148,6 +206,29 @@ class VideoMeta:
                 f"{len(meta.sizes)} sizes for {len(meta.frame_names)} frames."
             )
         return meta
+
+
+def _check_fields(meta: VideoMeta) -> None:
+    """Types and ranges of the scalar fields (they steer clip handling and output files)."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not (is_int(meta.num_clips) and 1 <= meta.num_clips <= MAX_CLIPS):
+        raise ValueError(f"num_clips must be an integer in [1, {MAX_CLIPS}], not {meta.num_clips!r}")
+    if not (is_int(meta.clip_index) and 0 <= meta.clip_index < meta.num_clips):
+        raise ValueError(f"clip_index must be an integer in [0, num_clips), not {meta.clip_index!r}")
+    if not (is_int(meta.frame_offset) and meta.frame_offset >= 0):
+        raise ValueError(f"frame_offset must be an integer >= 0, not {meta.frame_offset!r}")
+    if meta.num_classes is not None and not (is_int(meta.num_classes) and meta.num_classes >= 1):
+        raise ValueError(f"num_classes must be a positive integer or null, not {meta.num_classes!r}")
+    if not isinstance(meta.source, str):
+        raise TypeError(f"source must be a string, not {type(meta.source).__name__}")
+    names = meta.class_names
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise TypeError("class_names must be a list of strings or null")
+    if any(h < 1 or w < 1 for h, w in meta.sizes):
+        raise ValueError("sizes must be positive (height, width) pairs")
 
 
 @dataclass
@@ -212,31 +293,53 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _open_checked(data: bytes, what: str, max_pixels: int) -> Image.Image:
+def open_image(
+    data: bytes, what: str, max_pixels: int = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] = FRAME_FORMATS
+) -> Image.Image:
+    """Open an encoded image from its header only, refusing other formats and sizes over `max_pixels`.
+
+    Nothing is decoded here: the pixel count comes from the header, so an image that declares a huge
+    size in a tiny file (a decompression bomb) is refused at once with little memory.
+
+    Args:
+        data: the encoded bytes.
+        what: the image, for messages (e.g. "frame '00001' of video 'a' (...)").
+        max_pixels: the largest width * height accepted.
+        formats: the PIL formats tried (no other PIL plugin ever sees the bytes).
+
+    Returns:
+        The opened (not yet decoded) image.
+
+    Raises:
+        SampleError: if the bytes are not an image of `formats`, or it has more than `max_pixels` pixels.
+    """
+    too_big = "Raise `--data.max_pixels` if the image is genuine."
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as e:
+        with warnings.catch_warnings():  # our own limit is checked below; PIL's warning is noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=list(formats))
+    except Image.DecompressionBombError as e:  # over 2 * PIL.Image.MAX_IMAGE_PIXELS: PIL refuses too
         raise SampleError(
-            f"Expected {what} to be at most {max_pixels} pixels, but got {e}. "
-            "Raise `--data.max_pixels` if the image is genuine."
+            f"Expected {what} to be at most {max_pixels} pixels, but its header declares more: {e} "
+            f"{too_big} (PIL refuses images above 2 * PIL.Image.MAX_IMAGE_PIXELS in any case.)"
         ) from e
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SyntaxError) as e:
         raise SampleError(
-            f"Expected {what} to be a readable image, but got {type(e).__name__}: {e}. "
+            f"Expected {what} to be a readable {'/'.join(formats)} image, but got {type(e).__name__}: {e}. "
             "Re-encode or remove the file."
         ) from e
     w, h = img.size
     if w * h > max_pixels:
         raise SampleError(
-            f"Expected {what} to be at most {max_pixels} pixels, but got {w}x{h} = {w * h}. "
-            "Raise `--data.max_pixels` if the image is genuine."
+            f"Expected {what} to be at most {max_pixels} pixels, but its header declares {w}x{h} = {w * h}. "
+            f"{too_big}"
         )
     return img
 
 
 def decode_image(data: bytes, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an encoded frame to an (H, W, 3) uint8 RGB array, checking its size from the header."""
-    img = _open_checked(data, what, max_pixels)
+    img = open_image(data, what, max_pixels, FRAME_FORMATS)
     try:
         return np.asarray(img.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as e:
@@ -247,7 +350,7 @@ def decode_image(data: bytes, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
 
 def decode_label(data: bytes, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a single-channel label PNG to an (H, W) int64 array (palette indices kept as ids)."""
-    img = _open_checked(data, what, max_pixels)
+    img = open_image(data, what, max_pixels, LABEL_FORMATS)
     if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
         raise SampleError(
             f"Expected {what} to be a single-channel label PNG, but got mode {img.mode!r}. "
@@ -263,19 +366,23 @@ def decode_sample(
     raw: dict[str, Any],
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_frames: int = DEFAULT_MAX_FRAMES,
+    max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
 ) -> VideoSample:
-    """Decode one raw WebDataset sample (bytes by field) into a `VideoSample`.
+    """Decode one raw sample (bytes by field, as `data.reader.tar_samples` yields it) into a `VideoSample`.
 
-    Only the schema's fields are decoded; others are counted and ignored. Every failure raises
+    Only the schema's fields are decoded; others are counted and ignored (`__ignored__` holds the
+    count of those the reader left unread). The frame count, each frame's size and the sample's total
+    pixels are checked from the metadata before any image is decoded. Every failure raises
     `SampleError` naming the shard and video.
     """
     key = str(raw.get("__key__", ""))
     url = str(raw.get("__url__", ""))
     where = f"sample {key!r} of shard {url!r}"
     if "meta.json" not in raw:
+        fields = sorted(k for k in raw if not k.startswith("__")) + list(raw.get("__ignored_names__", []))
         raise SampleError(
-            f"Expected {where} to hold a `meta.json` field, but it has none "
-            f"(fields: {sorted(k for k in raw if not k.startswith('__'))[:8]})."
+            f"Expected {where} to hold a `meta.json` field, but it has none (fields: {fields[:8]}). "
+            "Make the shards with `python -m data_tools`."
         )
     meta = VideoMeta.from_json(raw["meta.json"], where)
     where = f"video {meta.video_id!r} ({where})"
@@ -287,18 +394,44 @@ def decode_sample(
             f"Expected {where} to have at most {max_frames} frames, but got {n}. "
             "Split it into clips with data_tools or raise `--data.max_frames`."
         )
+    h, w = meta.sizes[0]
+    if any(size != (h, w) for size in meta.sizes):
+        raise SampleError(
+            f"Expected all frames of {where} to have one size, but its metadata lists "
+            f"{sorted(set(meta.sizes))[:3]} (H, W). Rebuild the shard with data_tools."
+        )
+    if h * w > max_pixels:
+        raise SampleError(
+            f"Expected the frames of {where} to be at most {max_pixels} pixels, but its metadata says "
+            f"{h}x{w} (H x W). Raise `--data.max_pixels` if the video is genuine."
+        )
+    if n * h * w > max_sample_pixels:
+        raise SampleError(
+            f"Expected {where} to hold at most {max_sample_pixels} pixels (all frames together), but it "
+            f"has {n} frames of {h}x{w} = {n * h * w}. Split it into clips with `python -m data_tools ... "
+            "--max-frames-per-clip N`, or raise `--data.max_sample_pixels` if memory allows."
+        )
     frames: dict[int, bytes] = {}
     labels: dict[int, bytes] = {}
-    ignored = 0
+    ignored = int(raw.get("__ignored__", 0))
     for name, value in raw.items():
         if name.startswith("__") or name == "meta.json":
             continue
-        if m := _FRAME_RE.match(name):
-            frames[int(m.group(1))] = value
-        elif m := _LABEL_RE.match(name):
-            labels[int(m.group(1))] = value
-        else:
+        m = _FRAME_RE.match(name) or _LABEL_RE.match(name)
+        if m is None:
             ignored += 1
+            continue
+        if isinstance(value, Refused):
+            raise SampleError(
+                f"Expected field {name!r} of {where} to be read, but it was not: {value.reason}."
+            )
+        fields = frames if m.re is _FRAME_RE else labels
+        if int(m.group(1)) in fields:
+            raise SampleError(
+                f"Expected one {'frame' if fields is frames else 'label'} per index in {where}, but "
+                f"index {int(m.group(1))} has several (e.g. {name!r}). Rebuild the shard with data_tools."
+            )
+        fields[int(m.group(1))] = value
     missing = [i for i in range(n) if i not in frames]
     if missing:
         raise SampleError(

@@ -35,6 +35,9 @@ class VideoLabels:
         url: the shard it came from.
         seconds: wall-clock seconds of the pipeline on this sample.
         retried: True when the sample ran a second time with a halved memory budget after an OOM.
+        stage_seconds: wall-clock seconds per pipeline stage (encode, features, context, cbr,
+            modulation, resize) of the run that made the labels.
+        ignored_fields: shard members of the sample outside the schema (never read).
     """
 
     meta: VideoMeta
@@ -43,6 +46,8 @@ class VideoLabels:
     url: str = ""
     seconds: float = 0.0
     retried: bool = False
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    ignored_fields: int = 0
 
     @property
     def frames(self) -> int:
@@ -56,6 +61,7 @@ class VideoSkipped:
     meta: VideoMeta
     key: str = ""
     url: str = ""
+    ignored_fields: int = 0
 
     @property
     def frames(self) -> int:
@@ -111,6 +117,8 @@ class RankSummary:
         skipped_frames: frames of those.
         recomputed: videos whose earlier output had another settings hash and was overwritten.
         retried_oom: samples that needed the halved memory budget.
+        ignored_fields: shard members outside the sample schema (pickles, ...), never read; counted
+            over written and skipped samples.
         failed: one record per failed sample (video id, key, shard, clip, error).
         seconds: wall-clock seconds from the start of the loop to the end.
         frames_per_second: `frames / seconds` (computed frames only).
@@ -130,6 +138,7 @@ class RankSummary:
     skipped_frames: int = 0
     recomputed: int = 0
     retried_oom: int = 0
+    ignored_fields: int = 0
     failed: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     frames_per_second: float = 0.0
@@ -143,6 +152,7 @@ class RankSummary:
 
     def add(self, result: VideoResult) -> None:
         """Count one result."""
+        self.ignored_fields += getattr(result, "ignored_fields", 0)
         if isinstance(result, VideoLabels):
             self.clips += 1
             self.frames += result.frames
@@ -176,8 +186,9 @@ def atomic_write(path: Path, data: bytes) -> None:
     never a half-written file under the final name.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)  # never through a link
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, flags, 0o666), "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -221,8 +232,9 @@ def merge_summaries(ranks: list[dict[str, Any]], world_size: int) -> dict[str, A
         frames, skipped and failed, the slowest rank's seconds and the aggregate frames/s.
     """
     ranks = sorted(ranks, key=lambda r: r["rank"])
-    keys = ("videos", "clips", "frames", "skipped_videos", "skipped_frames", "recomputed", "retried_oom")
-    total: dict[str, Any] = {k: sum(int(r[k]) for r in ranks) for k in keys}
+    keys = ("videos", "clips", "frames", "skipped_videos", "skipped_frames", "recomputed", "retried_oom",
+            "ignored_fields")  # fmt: skip
+    total: dict[str, Any] = {k: sum(int(r.get(k, 0)) for r in ranks) for k in keys}
     total["failed"] = sum(len(r["failed"]) for r in ranks)
     total["seconds"] = max((float(r["seconds"]) for r in ranks), default=0.0)
     total["frames_per_second"] = total["frames"] / total["seconds"] if total["seconds"] > 0 else 0.0

@@ -3,13 +3,16 @@
 Output layout under `output_dir`:
 
 - `png` (default): `<video_id>/<frame_name>.png`, one single-channel label map per frame at the
-  frame's size (uint8, or uint16 when an id exceeds 255), `<frame_name>.preview.png` colour previews
-  with `write_previews`, and a `DONE` file written last: JSON with the frame count and the settings
-  hash. A video split into clips gets `clip-<k>.done` per clip, replaced by `DONE` once all its clips
-  are there.
+  frame's size (uint8, or uint16 when an id exceeds 255), and a `DONE` file written last: JSON with
+  the frame count and the settings hash. With `write_previews`, also `<frame_name>.preview.png`
+  (the label colours blended over the frame, RGB; a palette PNG of the labels when the frames are not
+  at hand) and one overlay video per video, `preview.mp4` (PyAV) or `preview.gif` (Pillow, when
+  PyAV has no H.264/MPEG-4 encoder), closed before `DONE`; colours from `vss_lightning.viz`. A video
+  split into clips gets `clip-<k>.done` per clip, replaced by `DONE` once all its clips are there.
 - `shards`: WebDataset tars `labels-rank<r>-<n>.tar`, one sample per clip (`meta.json`, `labels.json`
-  and `<i>.label.png` per frame), written per rank; a tar holds whole videos only and is renamed from
-  `.tmp` when closed, next to an index `labels-rank<r>-<n>.index.json`.
+  and `<i>.label.png` per frame, plus `<i>.preview.png` with `write_previews`; no overlay video),
+  written per rank; a tar holds whole videos only and is renamed from `.tmp` when closed, next to an
+  index `labels-rank<r>-<n>.index.json`.
 - `summary-rank<k>.json` per rank and `summary.json` (merged), `metrics.json` after test/validate.
 
 Every file is written under a temporary name and renamed, so a killed job never leaves a label that
@@ -35,7 +38,16 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 
-from vss_lightning.data.format import SampleError, VideoMeta, encode_png, sample_key, validate_name
+from vss_lightning import viz
+from vss_lightning.data.format import (
+    MAX_OUTPUT_NAME_LENGTH,
+    SampleError,
+    VideoMeta,
+    VideoSample,
+    encode_png,
+    sample_key,
+    validate_name,
+)
 
 from .label_shards import LabelShardStore
 from .summary import (
@@ -73,31 +85,35 @@ def label_array(labels: torch.Tensor) -> np.ndarray:
     return labels.numpy().astype(np.uint8 if hi <= 255 else np.uint16)
 
 
-def _palette() -> list[int]:
-    """A fixed 256-colour palette (the PASCAL VOC bit-interleaving scheme)."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
+# -- previews (write_previews) ------------------------------------------------------------------------
+PREVIEW_VIDEO = "preview"  # <video_id>/preview.mp4 (or .gif)
+PREVIEW_FPS = 10.0
 
 
-_PALETTE = _palette()
+def preview_png(label: np.ndarray, palette: np.ndarray | None = None) -> bytes:
+    """A palette PNG showing an (H, W) label map in colour (ids above 255 wrap around).
 
-
-def preview_png(label: np.ndarray) -> bytes:
-    """A palette PNG showing an (H, W) label map in colour (ids above 255 wrap around)."""
+    Args:
+        label: (H, W) integer ids.
+        palette: (256, 3) uint8 colours (default: `viz.palette_for()`, the distinct cluster colours).
+    """
+    table = viz.palette_for() if palette is None else palette
     img = Image.fromarray((label.astype(np.int64) % 256).astype(np.uint8))
-    img.putpalette(_PALETTE)  # an "L" image with a palette becomes a "P" image
+    img.putpalette(np.asarray(table, dtype=np.uint8)[:256].flatten().tolist())  # "L" + palette -> "P"
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def sample_frames(sample: Any, res: VideoLabels) -> np.ndarray | None:
+    """The (T, H, W, 3) uint8 frames of `res` from the step's batch, or None if it does not hold them."""
+    if not isinstance(sample, VideoSample) or sample.meta.video_id != res.meta.video_id:
+        return None
+    frames = sample.frames
+    t, h, w = res.labels.shape
+    if sample.meta.clip_index != res.meta.clip_index or tuple(frames.shape) != (t, 3, h, w):
+        return None
+    return frames.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8, copy=False)  # (T, H, W, 3)
 
 
 class PseudoLabelWriter(BasePredictionWriter):
@@ -111,7 +127,8 @@ class PseudoLabelWriter(BasePredictionWriter):
     Args:
         output_dir: the output folder (created if needed).
         output_format: "png" (one PNG per frame in a folder per video) or "shards" (WebDataset tars).
-        write_previews: also write a colour preview per frame (`<frame>.preview.png`).
+        write_previews: also write a colour overlay per frame (`<frame>.preview.png`) and, with
+            "png", an overlay video per video (`preview.mp4`, or `preview.gif` without PyAV).
         videos_per_shard: with "shards", close a tar after this many videos.
         shard_max_bytes: with "shards", close a tar once it holds this many bytes of labels.
         summary_timeout_s: how long rank 0 waits at the end for the other ranks' summaries before it
@@ -151,6 +168,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._stale_warned: set[str] = set()
         self._stale: set[str] = set()
         self._shards: LabelShardStore | None = None
+        self._videos: dict[str, tuple[int, viz.VideoWriter]] = {}  # open preview videos: next clip, file
 
     # -- lifecycle --------------------------------------------------------------------------------
     @property
@@ -206,6 +224,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         """Close the open tar (it holds whole videos only) and record this rank's counts."""
+        self._abort_preview_videos()
         if self.summary is None:
             return
         if self._shards is not None:
@@ -252,7 +271,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.handle(prediction)
+        self.handle(prediction, batch)
         if trainer.received_sigterm:
             # Lightning's predict loop ignores SIGTERM; stop after this sample (its output is complete).
             log.warning(f"Rank {self.rank}: SIGTERM received; stopped after the current video or clip.")
@@ -267,7 +286,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.handle(outputs)
+        self.handle(outputs, batch)
 
     def on_validation_batch_end(
         self,
@@ -278,10 +297,15 @@ class PseudoLabelWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.handle(outputs)
+        self.handle(outputs, batch)
 
-    def handle(self, result: VideoResult) -> None:
-        """Write one step's result (labels) and count it in the summary."""
+    def handle(self, result: VideoResult, sample: Any = None) -> None:
+        """Write one step's result (labels) and count it in the summary.
+
+        Args:
+            result: what the step returned.
+            sample: the step's batch (a `VideoSample`); its frames make the overlay previews.
+        """
         if not isinstance(result, (VideoLabels, VideoSkipped, VideoFailed)):
             raise TypeError(
                 "Expected the step to return a VideoLabels, VideoSkipped or VideoFailed (use "
@@ -292,9 +316,9 @@ class PseudoLabelWriter(BasePredictionWriter):
         if isinstance(result, VideoLabels):
             try:
                 if self.output_format == "png":
-                    self._write_png(result)
+                    self._write_png(result, sample)
                 else:
-                    self._write_shard_sample(result)
+                    self._write_shard_sample(result, sample)
             except (SampleError, ValueError) as e:  # unsafe names, unstorable ids, clips out of order
                 log.warning(f"Video {result.meta.video_id!r} ({result.url}) not written: {e}")
                 result = VideoFailed(
@@ -309,7 +333,7 @@ class PseudoLabelWriter(BasePredictionWriter):
     def _path(self, *parts: str) -> Path:
         """`output_dir/<parts>` with each part a safe name and the result inside `output_dir`."""
         for part in parts:
-            validate_name(part, "output path component")
+            validate_name(part, "output path component", MAX_OUTPUT_NAME_LENGTH)
         path = self.root.joinpath(*parts).resolve()
         if not path.is_relative_to(self.root):
             raise SampleError(
@@ -333,7 +357,7 @@ class PseudoLabelWriter(BasePredictionWriter):
             "backbone": self.info.get("backbone"),
         }
 
-    def _write_png(self, res: VideoLabels) -> None:
+    def _write_png(self, res: VideoLabels, sample: Any = None) -> None:
         meta = res.meta
         vid = meta.video_id
         arr = label_array(res.labels)  # (T, H, W)
@@ -352,8 +376,8 @@ class PseudoLabelWriter(BasePredictionWriter):
                 stale.unlink(missing_ok=True)
         for i, name in enumerate(meta.frame_names):
             atomic_write(self._path(vid, f"{name}.png"), encode_png(arr[i]))
-            if self.write_previews:
-                atomic_write(self._path(vid, f"{name}.preview.png"), preview_png(arr[i]))
+        if self.write_previews:
+            self._write_previews(res, arr, sample_frames(sample, res))
         record = self._record(res, arr)
         if meta.num_clips <= 1:
             atomic_write(done, json_bytes(record))
@@ -366,28 +390,88 @@ class PseudoLabelWriter(BasePredictionWriter):
             for k in range(meta.num_clips):
                 self._path(vid, CLIP_DONE.format(index=k)).unlink(missing_ok=True)
 
+    # -- previews (write_previews) --------------------------------------------------------------
+    def _palette(self, meta: VideoMeta) -> np.ndarray:
+        return viz.palette_for(meta.source, meta.num_classes, str(self.info.get("label_mode") or "cluster"))
+
+    def _preview_image(self, meta: VideoMeta, label: np.ndarray, frames: np.ndarray | None, i: int) -> bytes:
+        """Frame `i`'s overlay as an RGB PNG, or a palette PNG of the labels without frames."""
+        if frames is None:
+            return preview_png(label, self._palette(meta))
+        return viz.encode_png(viz.overlay(frames[i], label, self._palette(meta)))
+
+    def _write_previews(self, res: VideoLabels, arr: np.ndarray, frames: np.ndarray | None) -> None:
+        """`<frame>.preview.png` per frame and the clip's frames appended to the video's overlay video.
+
+        The video is streamed clip by clip into a temporary file and renamed at the video's last
+        clip, before `DONE`. A clip that does not follow the previous one on this rank starts the
+        video afresh (it then shows the clips from there on).
+        """
+        meta, vid = res.meta, res.meta.video_id
+        palette = self._palette(meta)
+        expected, video = self._videos.pop(vid, (0, None))
+        if video is not None and expected != meta.clip_index:
+            video.abort()
+            video = None
+        if video is None:
+            if meta.clip_index == 0:
+                for stale in self._path(vid).glob(f".{PREVIEW_VIDEO}.*.part"):  # left by a killed run
+                    stale.unlink(missing_ok=True)
+            else:
+                log.warning(
+                    f"Video {vid!r}: clip {meta.clip_index} came without clip {meta.clip_index - 1} on "
+                    f"this rank; its overlay video starts at this clip."
+                )
+            filename = f"{PREVIEW_VIDEO}.{viz.video_format()}"
+            video = viz.VideoWriter(self._path(vid, filename), PREVIEW_FPS)
+        try:
+            for i, name in enumerate(meta.frame_names):  # frame by frame: memory of one frame
+                if frames is not None:
+                    image = viz.overlay(frames[i], arr[i], palette)
+                    data = viz.encode_png(image)
+                else:
+                    image, data = viz.colorize(arr[i], palette), preview_png(arr[i], palette)
+                atomic_write(self._path(vid, f"{name}.preview.png"), data)
+                video.write(image[None])
+        except BaseException:
+            video.abort()
+            raise
+        if meta.clip_index >= meta.num_clips - 1:
+            video.close()
+        else:
+            self._videos[vid] = (meta.clip_index + 1, video)
+
+    def _abort_preview_videos(self) -> None:
+        """Drop the overlay videos whose last clip never came (their temporary files go)."""
+        for vid, (_, video) in self._videos.items():
+            log.warning(f"Video {vid!r}: its last clip never came; no overlay video written.")
+            video.abort()
+        self._videos.clear()
+
     # -- shards ---------------------------------------------------------------------------------
-    def _write_shard_sample(self, res: VideoLabels) -> None:
+    def _write_shard_sample(self, res: VideoLabels, sample: Any = None) -> None:
         meta = res.meta
         vid = validate_name(meta.video_id, "video id")
         if self._shards.is_complete(vid):  # test/validate recompute complete videos: never store twice
             return
         arr = label_array(res.labels)
-        sample: dict[str, Any] = {
+        frames = sample_frames(sample, res) if self.write_previews else None
+        out: dict[str, Any] = {
             "__key__": sample_key(vid, meta.clip_index),
             "meta.json": meta.to_json(),
             "labels.json": json_bytes(self._record(res, arr)),
         }
         for i in range(arr.shape[0]):
-            sample[f"{i:05d}.label.png"] = encode_png(arr[i])
+            out[f"{i:05d}.label.png"] = encode_png(arr[i])
             if self.write_previews:
-                sample[f"{i:05d}.preview.png"] = preview_png(arr[i])
-        self._shards.add_clip(vid, meta.clip_index, meta.num_clips, sample)
+                out[f"{i:05d}.preview.png"] = self._preview_image(meta, arr[i], frames, i)
+        self._shards.add_clip(vid, meta.clip_index, meta.num_clips, out)
 
     # -- the end: summaries ---------------------------------------------------------------------
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.summary is None:
             return
+        self._abort_preview_videos()
         if self._shards is not None:
             for vid, samples in self._shards.pending.items():  # videos whose last clip never came here
                 error = f"Expected all clips of video {vid!r} on this rank, but only {len(samples)} came."

@@ -1,0 +1,137 @@
+"""Raw samples from tar shards: only the fields of the sample schema are read, sizes checked first.
+
+`tar_samples` takes the place of WebDataset's `tar_file_expander` + `group_by_keys`, which read every
+member into memory whole, whatever its name or size; a compressed shard (`.tar.gz`, which `tarfile`
+opens transparently) can expand a small file into gigabytes. Here each member's size comes from its
+tar header, and a member is read only when it is a schema field (`format.is_schema_field`) that fits:
+
+- any other member (a pickle, a `.pth`, notes, ...) is skipped unread and counted in the sample's
+  `__ignored__` field (`format.decode_sample` adds it to `VideoSample.ignored_fields`; the first few
+  field names are kept in `__ignored_names__` for messages);
+- a schema field larger than `format.field_byte_limit` (e.g. `meta.json` over `MAX_META_BYTES`), one
+  that repeats, or one that would take the sample past `max_sample_bytes` (tar blocks counted) is
+  skipped unread and stored as `format.Refused`, which fails its sample in `decode_sample`.
+
+Members are grouped into samples by the part of their name before the first dot of the base name,
+as WebDataset does (`base_plus_ext`), in tar order. A shard that cannot be opened or read on to its
+end is handed to `handler` (as WebDataset handlers are: return True to go on with the next shard);
+the sample being read when the damage was found is still yielded, so its decoding names it.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+from .format import (
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SAMPLE_PIXELS,
+    MAX_META_BYTES,
+    Refused,
+    field_byte_limit,
+    is_schema_field,
+)
+
+_BLOCK = tarfile.BLOCKSIZE
+BYTES_PER_SAMPLE_PIXEL = 4  # encoded frame + label bytes allowed per pixel of `max_sample_pixels`
+
+
+def as_local(path: str) -> str:
+    """A path found on disk, made safe to pass as a shard url: a file named like `pipe:cmd.tar` gets a
+    `./` prefix (WebDataset's `gopen`, which opens the shards, runs `pipe:` urls as shell commands)."""
+    return os.path.join(os.curdir, path) if urlparse(path).scheme else path
+
+
+def reraise(exn: Exception) -> bool:
+    """The default handler: shard errors propagate."""
+    raise exn
+
+
+def sample_byte_limit(max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS) -> int:
+    """Tar bytes (headers and padding included) one sample may take: `meta.json` plus 4 bytes per pixel."""
+    return MAX_META_BYTES + BYTES_PER_SAMPLE_PIXEL * max_sample_pixels
+
+
+def tar_samples(
+    src: Iterable[dict[str, Any] | str],
+    handler: Callable[[Exception], bool] = reraise,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
+) -> Iterator[dict[str, Any]]:
+    """Open each shard and yield its samples: `{"__key__", "__url__", "__ignored__", field: bytes, ...}`.
+
+    Args:
+        src: shard urls, or dicts with a "url" (as WebDataset's shard lists and splitters pass them).
+        handler: called with the exception when a shard cannot be opened or read on; True goes on with
+            the next shard, False stops.
+        max_pixels: largest frame (H * W); bounds each image member's bytes (`field_byte_limit`).
+        max_frames: a sample keeps at most `2 * max_frames + 1` schema fields (frames, labels, meta).
+        max_sample_pixels: bounds the bytes of one sample (`sample_byte_limit`).
+    """
+    max_fields = 2 * max_frames + 1
+    max_bytes = sample_byte_limit(max_sample_pixels)
+    for item in src:
+        url = item["url"] if isinstance(item, dict) else str(item)
+        sample: dict[str, Any] | None = None
+        try:
+            with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                nbytes = 0
+                for info in tar:
+                    tar.members = []  # stream mode keeps every header otherwise
+                    key, field = base_plus_ext(info.name) if info.isreg() else (None, None)
+                    if key is None:
+                        continue
+                    field = field.lower()
+                    if sample is None or sample["__key__"] != key:
+                        if sample is not None:
+                            yield sample
+                        sample, nbytes = {"__key__": key, "__url__": url, "__ignored__": 0}, 0
+                    if not is_schema_field(field):
+                        sample["__ignored__"] += 1
+                        if len(sample.setdefault("__ignored_names__", [])) < 8:  # for messages
+                            sample["__ignored_names__"].append(field)
+                        continue
+                    nbytes += _BLOCK + -(-info.size // _BLOCK) * _BLOCK
+                    sample[field] = _read(tar, info, field, sample, nbytes, max_bytes, max_fields, max_pixels)
+            if sample is not None:
+                yield sample
+        except Exception as exn:  # noqa: BLE001 - whatever a damaged shard raises goes to the handler
+            if sample is not None:
+                yield sample  # read up to the damage; decoding it says what is missing
+            if not handler(exn):
+                break
+
+
+def _read(
+    tar: tarfile.TarFile,
+    info: tarfile.TarInfo,
+    field: str,
+    sample: dict[str, Any],
+    nbytes: int,
+    max_bytes: int,
+    max_fields: int,
+    max_pixels: int,
+) -> bytes | Refused:
+    """A member's bytes, or `Refused` (unread) when it repeats or is too large."""
+    limit = field_byte_limit(field, max_pixels)
+    if field in sample:
+        return Refused(f"the shard holds it more than once (member {info.name!r})")
+    if info.size > limit:
+        return Refused(f"its tar header says {info.size} bytes, over the limit of {limit} for this field")
+    if nbytes > max_bytes:
+        return Refused(
+            f"the sample's members exceed {max_bytes} bytes in all (raise `--data.max_sample_pixels` "
+            "if the video is genuine)"
+        )
+    if len(sample) - 3 >= max_fields:
+        return Refused(f"the sample has more than {max_fields} frame, label and meta fields")
+    f = tar.extractfile(info)
+    return f.read() if f is not None else b""
