@@ -210,3 +210,20 @@ def test_labels_do_not_depend_on_what_ran_before():
 
     a, b = run([v1, v2]), run([v2, v1])
     assert torch.equal(a["x1"], b["x1"]) and torch.equal(a["x2"], b["x2"])
+
+
+def test_gt_anchor_first_labelled_segments_forwards_and_backwards_from_it():
+    seg = FakeSegmenter()
+    labels = torch.full((5, 8, 12), 255, dtype=torch.long)
+    labels[2] = 1  # only the middle frame is labelled, like a Cityscapes snippet
+    module = ZeroShotVSS(seg, label_mode="first_frame_gt", gt_anchor="first_labelled", num_classes=4)
+    out = module.run_sample(_sample("snippet", t=5, labels=labels))
+    assert isinstance(out, VideoLabels)
+    assert [c["key"] for c in seg.calls] == ["snippet:2", "snippet:backward:2"]
+    assert all(torch.equal(c["gt"], labels[2]) for c in seg.calls)
+    # forward: frames 2, 3, 4 <- (2 + i) % 4; backward over frames 2, 1, 0: frame 2 - i <- (2 + i) % 4
+    assert out.labels[:, 0, 0].tolist() == [0, 3, 2, 3, 0]
+    assert seg.calls[1]["state"] is not seg.calls[0]["state"]
+    none = ZeroShotVSS(FakeSegmenter(), label_mode="first_frame_gt", gt_anchor="first_labelled")
+    failed = none.run_sample(_sample("unlabelled", t=3, labels=torch.full((3, 8, 12), 255)))
+    assert isinstance(failed, VideoFailed) and "at least one labelled frame" in failed.error

@@ -65,6 +65,10 @@ class ZeroShotVSS(L.LightningModule):
         label_mode: "cluster" (labels are cluster ids, consistent within a video; pure zero-shot) or
             "first_frame_gt" (each cluster takes the majority ground-truth class of frame 0, which
             must be labelled; the evaluation protocol of the paper).
+        gt_anchor: which ground-truth frame `first_frame_gt` starts from: "first_frame" (frame 0, the
+            paper's protocol) or "first_labelled" (the first frame with a label, e.g. the 20th frame
+            of a Cityscapes snippet: the video is segmented forwards from that frame and, for the
+            frames before it, backwards from it, each direction with its own context model).
         num_classes: number of ground-truth classes; required by test/validate (metrics).
         matching: how predicted ids meet classes in the metrics: "auto" ("none" for first_frame_gt,
             per-"video" Hungarian matching for cluster), "none", "video" or "dataset".
@@ -78,6 +82,7 @@ class ZeroShotVSS(L.LightningModule):
         self,
         segmenter: VideoSegmenter | None = None,
         label_mode: LabelMode = "cluster",
+        gt_anchor: Literal["first_frame", "first_labelled"] = "first_frame",
         num_classes: int | None = None,
         matching: Literal["auto", "none", "video", "dataset"] = "auto",
         on_error: Literal["skip", "fail"] = "skip",
@@ -87,6 +92,10 @@ class ZeroShotVSS(L.LightningModule):
         if label_mode not in ("cluster", "first_frame_gt"):
             raise ValueError(
                 f"Expected `label_mode` to be 'cluster' or 'first_frame_gt', but got {label_mode!r}."
+            )
+        if gt_anchor not in ("first_frame", "first_labelled"):
+            raise ValueError(
+                f"Expected `gt_anchor` to be 'first_frame' or 'first_labelled', but got {gt_anchor!r}."
             )
         if matching not in ("auto", "none", "video", "dataset"):
             raise ValueError(
@@ -100,6 +109,7 @@ class ZeroShotVSS(L.LightningModule):
             )
         self.segmenter = segmenter if segmenter is not None else VideoSegmenter()
         self.label_mode = label_mode
+        self.gt_anchor = gt_anchor
         self.num_classes = num_classes
         self.matching = (
             matching if matching != "auto" else ("none" if label_mode == "first_frame_gt" else "video")
@@ -251,19 +261,31 @@ class ZeroShotVSS(L.LightningModule):
             ignored_fields=sample.ignored_fields,  # shard members outside the schema (issue #11)
         )  # fmt: skip
 
-    def _first_frame_gt(self, sample: VideoSample) -> torch.Tensor:
+    def _first_frame_gt(self, sample: VideoSample) -> tuple[torch.Tensor, int]:
+        """The ground-truth frame the labels start from and its index (see `gt_anchor`)."""
         ignore = self.segmenter.ignore_index
-        if sample.labels is None or bool((sample.labels[0] == ignore).all()):
-            name = sample.meta.frame_names[0]
-            raise ValueError(
-                f"Expected frame 0 ({name!r}) of {sample.where} to have a ground-truth label for "
-                "label_mode='first_frame_gt', but it has none. Label the first frame, or use "
-                "--model.label_mode cluster."
+        labelled = (
+            []
+            if sample.labels is None
+            else (sample.labels != ignore).flatten(1).any(1).nonzero().flatten().tolist()
+        )
+        index = 0 if self.gt_anchor == "first_frame" else (labelled[0] if labelled else 0)
+        if index not in labelled:
+            name = sample.meta.frame_names[index]
+            hint = (
+                "Label the first frame, use --model.gt_anchor first_labelled (start from the first "
+                "labelled frame), or use --model.label_mode cluster."
+                if self.gt_anchor == "first_frame"
+                else "Give the video at least one labelled frame, or use --model.label_mode cluster."
             )
-        return sample.labels[0]
+            raise ValueError(
+                f"Expected frame {index} ({name!r}) of {sample.where} to have a ground-truth label for "
+                f"label_mode='first_frame_gt', but it has none. {hint}"
+            )
+        return sample.labels[index], index
 
     def _segment(
-        self, sample: VideoSample, gt: torch.Tensor | None, state: VideoState
+        self, sample: VideoSample, gt: tuple[torch.Tensor, int] | None, state: VideoState
     ) -> tuple[torch.Tensor, float, dict[str, float], bool]:
         """Run the pipeline; on a GPU OOM retry once with half the memory budget."""
         try:
@@ -287,9 +309,12 @@ class ZeroShotVSS(L.LightningModule):
             sampler.max_batch_images, sampler.vae_batch_images = budget
 
     def _run(
-        self, sample: VideoSample, gt: torch.Tensor | None, state: VideoState
+        self, sample: VideoSample, gt: tuple[torch.Tensor, int] | None, state: VideoState
     ) -> tuple[torch.Tensor, float, dict[str, float]]:
         """Stream the video through the segmenter into a compact (T, H, W) uint8 (or int32) tensor.
+
+        With a ground-truth anchor at frame k > 0, frames k.. are segmented forwards from it and
+        frames ..k backwards (reversed) from it; `state` follows the forward direction.
 
         Returns:
             The labels, the wall-clock seconds and the seconds per pipeline stage.
@@ -298,13 +323,26 @@ class ZeroShotVSS(L.LightningModule):
         t, h, w = frames.shape[0], frames.shape[-2], frames.shape[-1]
         out = torch.empty((t, h, w), dtype=torch.uint8)
         t0 = time.perf_counter()
-        key = seed_key(sample.meta.video_id, sample.meta.frame_offset)
+        gt_frame, anchor = gt if gt is not None else (None, 0)
+        key = seed_key(sample.meta.video_id, sample.meta.frame_offset + anchor)
         stage_seconds: dict[str, float] = {}  # filled by the segmenter, per stage
-        for part in self.segmenter.iter_segment(frames, gt, state, key=key, seconds=stage_seconds):
-            labels = part.labels
-            if labels.numel() and out.dtype == torch.uint8 and int(labels.max()) > 255:
-                out = out.to(torch.int32)
-            out[part.indices] = labels.to(out.dtype)
+        passes = [(frames[anchor:], 1, state, key)]  # (frames, direction, state, seed key)
+        if anchor > 0:
+            back_key = seed_key(f"{sample.meta.video_id}:backward", sample.meta.frame_offset + anchor)
+            passes.append((frames[: anchor + 1].flip(0), -1, VideoState(), back_key))
+        for clip, direction, clip_state, clip_key in passes:
+            for part in self.segmenter.iter_segment(
+                clip, gt_frame, clip_state, key=clip_key, seconds=stage_seconds
+            ):
+                labels = part.labels
+                if direction < 0:  # frame i of the reversed clip is frame anchor - i; the anchor is done
+                    keep = [j for j, i in enumerate(part.indices) if i > 0]
+                    indices, labels = [anchor - part.indices[j] for j in keep], labels[keep]
+                else:
+                    indices = [anchor + i for i in part.indices]
+                if labels.numel() and out.dtype == torch.uint8 and int(labels.max()) > 255:
+                    out = out.to(torch.int32)
+                out[indices] = labels.to(out.dtype)
         return out, time.perf_counter() - t0, stage_seconds
 
     # -- evaluation -----------------------------------------------------------------------------
