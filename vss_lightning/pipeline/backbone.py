@@ -102,8 +102,27 @@ def _in_hub_cache(model_id: str, revision: str | None) -> bool:
     return isinstance(found, str)
 
 
+class LoadedModels:
+    """Device, dtype and VAE scale of loaded `unet` and `vae` attributes (shared by SD and SVD)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
 @dataclass
-class LoadedBackbone:
+class LoadedBackbone(LoadedModels):
     """A backbone ready to run.
 
     Attributes:
@@ -120,18 +139,6 @@ class LoadedBackbone:
     scheduler: EulerDiscreteScheduler
     cond_embedding: torch.Tensor
     uncond_embedding: torch.Tensor
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
 def _finish(unet, vae, scheduler, cond, device, dtype) -> LoadedBackbone:

@@ -28,7 +28,9 @@ from .attention import AttentionControl, installed_processors
 from .sampler import DiffusionSampler, PassRecord
 
 
-def decoder_block_layer(block: int, attention: Literal["self", "cross"]) -> str:
+def decoder_block_layer(
+    block: int, attention: Literal["self", "cross"], stack: str = "transformer_blocks"
+) -> str:
     """The diffusers layer name of an SD decoder ("output") block's attention.
 
     The paper numbers the 12 decoder blocks 0..11 as the original SD code does; blocks 3..11 have
@@ -39,7 +41,7 @@ def decoder_block_layer(block: int, attention: Literal["self", "cross"]) -> str:
     kind = {"self": "attn1", "cross": "attn2"}.get(attention)
     if kind is None:
         raise ValueError(f"Expected `attention` to be 'self' or 'cross', but got {attention!r}.")
-    return f"up_blocks.{block // 3}.attentions.{block % 3}.transformer_blocks.0.{kind}"
+    return f"up_blocks.{block // 3}.attentions.{block % 3}.{stack}.0.{kind}"
 
 
 @dataclass

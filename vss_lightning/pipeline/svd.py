@@ -45,11 +45,13 @@ from .backbone import (
     Backbone,
     BackboneNotFoundError,
     DTypeName,
+    LoadedModels,
     _hub_endpoint,
     _hub_reachable,
     _in_hub_cache,
     _resolve_dtype,
 )
+from .modulation import decoder_block_layer
 from .sampler import PassRecord
 
 SVD_ID = "stabilityai/stable-video-diffusion-img2vid"
@@ -121,15 +123,10 @@ def svd_block_layer(block: int, attention: str, layer_type: LayerType = "spatial
         layer_type: "spatial" (attention over the pixels of a frame) or "temporal" (over the frames
             at a pixel).
     """
-    if not 3 <= block <= 11:
-        raise ValueError(f"Expected `block` to be a decoder block with attention (3..11), but got {block}.")
-    kind = {"self": "attn1", "cross": "attn2"}.get(attention)
-    if kind is None:
-        raise ValueError(f"Expected `attention` to be 'self' or 'cross', but got {attention!r}.")
     stack = {"spatial": "transformer_blocks", "temporal": "temporal_transformer_blocks"}.get(layer_type)
     if stack is None:
         raise ValueError(f"Expected a layer type 'spatial' or 'temporal', but got {layer_type!r}.")
-    return f"up_blocks.{block // 3}.attentions.{block % 3}.{stack}.0.{kind}"
+    return decoder_block_layer(block, attention, stack=stack)
 
 
 @dataclass
@@ -154,7 +151,7 @@ class SVDSettings:
 
 
 @dataclass
-class LoadedVideoBackbone:
+class LoadedVideoBackbone(LoadedModels):
     """An SVD backbone ready to run.
 
     Attributes:
@@ -172,18 +169,6 @@ class LoadedVideoBackbone:
     scheduler: EulerDiscreteScheduler
     image_mean: torch.Tensor
     image_std: torch.Tensor
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def image_size(self) -> int:
