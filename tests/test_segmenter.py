@@ -132,3 +132,14 @@ def test_channels_last_gives_the_same_labels(camvid_clip):
     a = _segmenter(**kw).segment(frames[:2], key="v:0").labels
     b = _segmenter(channels_last=True, **kw).segment(frames[:2], key="v:0").labels
     assert (a == b).float().mean() > 0.999
+
+
+@pytest.mark.slow
+def test_compiled_vae_decoder_gives_the_same_labels():
+    """torch.compile of the VAE decoder (slow: a CPU inductor compile) leaves the labels unchanged."""
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (3, 3, 128, 192), dtype=torch.uint8, generator=g)
+    kw = dict(batch_size=3, max_batch_images=64, vae_batch_images=4)  # 3 = a padded last chunk
+    a = _segmenter(**kw).segment(frames, key="v:0").labels
+    b = _segmenter(compile_vae_decoder=True, **kw).segment(frames, key="v:0").labels
+    assert (a == b).float().mean() > 0.999
