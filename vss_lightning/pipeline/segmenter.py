@@ -119,6 +119,8 @@ class VideoSegmenter:
         compile_vae_decoder: `torch.compile` the VAE decoder (GPU: about 2x faster decodes after
             a one-off compile of about a minute; decode chunks are padded to one shape).
         seed: global seed (the noise of a batch is seeded from it, the video key and batch start).
+        size_multiple: frames are resized so height and width are floored to multiples of this (64:
+            the latent is 1/8 and the feature grid 1/16 of the frame, both integral).
         ignore_index: ground-truth value that means "no class" (255).
     """
 
@@ -149,6 +151,7 @@ class VideoSegmenter:
         channels_last: bool = False,
         compile_vae_decoder: bool = False,
         seed: int = 0,
+        size_multiple: int = 64,
         ignore_index: int = 255,
     ) -> None:
         if batch_size < 1:
@@ -185,6 +188,11 @@ class VideoSegmenter:
         self.channels_last = channels_last
         self.compile_vae_decoder = compile_vae_decoder
         self.seed = seed
+        if size_multiple < 16 or size_multiple % 16:
+            raise ValueError(
+                f"Expected `size_multiple` to be a positive multiple of 16, but got {size_multiple}."
+            )
+        self.size_multiple = size_multiple
         self.ignore_index = ignore_index
         blocks = self.feature_blocks if aggregate_features else (single_feature_block,)
         self.feature_layers = [self.backbone.attention_layer(b, "self") for b in blocks]
@@ -337,7 +345,7 @@ class VideoSegmenter:
         for start in batch_starts(t_total, self.batch_size):
             t0 = time.perf_counter()
             end = min(start + self.batch_size, t_total)
-            x = resize_to_multiple(frames[start:end].to(dev))  # (B, 3, H', W') in [-1, 1]
+            x = resize_to_multiple(frames[start:end].to(dev), self.size_multiple)  # (B, 3, H', W') in [-1, 1]
             size = tuple(x.shape[-2:])
             z0 = sm.encode(x)
             gen = torch.Generator().manual_seed(noise_seed(self.seed, key, start))
