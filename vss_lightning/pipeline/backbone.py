@@ -243,7 +243,8 @@ class StableDiffusion(Backbone):
                 f"Expected to download `model_id` {self.model_id!r} from the Hugging Face hub, but the hub "
                 f"({_hub_endpoint()}) cannot be reached from this machine and the model is not in the local "
                 "cache.\nFix: download it on a machine with access (`hf download "
-                f"{self.model_id} --local-dir DIR`), copy DIR here and pass it as `model_id`; or try the "
+                f"{self.model_id} --local-dir DIR`), copy DIR here and pass it as `model_id` "
+                "(`--model.segmenter.init_args.backbone.init_args.model_id DIR`); or try the "
                 "tool offline with `configs/smoke.yaml` (tiny random backbone, CPU)."
             )
         kw = dict(revision=self.revision, local_files_only=offline)
