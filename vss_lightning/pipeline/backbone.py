@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import socket
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -100,6 +102,56 @@ def _in_hub_cache(model_id: str, revision: str | None) -> bool:
     except ValueError:  # not a valid repo id
         return False
     return isinstance(found, str)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's generators while random weights are built; the CPU generator is restored after."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def resolve_source(
+    model_id: str,
+    revision: str | None,
+    local_files_only: bool,
+    folders: str,
+    save_hint: str,
+    offline_config: str,
+) -> tuple[str, bool]:
+    """Where to load a checkpoint from, and whether to stay offline; fails fast with the fix.
+
+    Args:
+        model_id: hub id or local folder.
+        revision: hub revision.
+        local_files_only: never touch the network.
+        folders: the subfolders a local checkpoint must have (for the message).
+        save_hint: how to write such a folder (for the message).
+        offline_config: the config that works without the hub (for the message).
+
+    Returns:
+        (source for `from_pretrained`, offline flag).
+    """
+    local = Path(model_id).expanduser()
+    if local.exists() and not (local / "unet").is_dir():
+        raise BackboneNotFoundError(
+            f"Expected `model_id` {model_id!r} to be a diffusers folder with {folders}, but it has no unet/ "
+            f"folder. Save the checkpoint with `{save_hint}` or `hf download <hub id> --local-dir DIR`."
+        )
+    offline = local_files_only or local.exists() or _in_hub_cache(model_id, revision)
+    if not offline and not _hub_reachable():
+        raise BackboneNotFoundError(
+            f"Expected to download `model_id` {model_id!r} from the Hugging Face hub, but the hub "
+            f"({_hub_endpoint()}) cannot be reached from this machine and the model is not in the local "
+            f"cache.\nFix: download it on a machine with access (`hf download {model_id} --local-dir DIR`), "
+            "copy DIR here and pass it as `model_id` (`--model.segmenter.init_args.backbone.init_args."
+            f"model_id DIR`); or try the tool offline with `{offline_config}` (tiny random backbone, CPU)."
+        )
+    return (str(local) if local.exists() else model_id), offline
 
 
 class LoadedModels:
@@ -228,25 +280,14 @@ class StableDiffusion(Backbone):
 
         device = torch.device(device)
         dtype = _resolve_dtype(self.dtype, device)
-        local = Path(self.model_id).expanduser()
-        if local.exists() and not (local / "unet").is_dir():
-            raise BackboneNotFoundError(
-                f"Expected `model_id` {self.model_id!r} to be a diffusers folder with unet/, vae/, "
-                "text_encoder/, tokenizer/ and scheduler/, but it has no unet/ folder. Save the "
-                "checkpoint with `StableDiffusionPipeline.save_pretrained(DIR)` or "
-                "`hf download stabilityai/stable-diffusion-2-1-base --local-dir DIR`."
-            )
-        source = str(local) if local.exists() else self.model_id
-        offline = self.local_files_only or local.exists() or _in_hub_cache(self.model_id, self.revision)
-        if not offline and not _hub_reachable():
-            raise BackboneNotFoundError(
-                f"Expected to download `model_id` {self.model_id!r} from the Hugging Face hub, but the hub "
-                f"({_hub_endpoint()}) cannot be reached from this machine and the model is not in the local "
-                "cache.\nFix: download it on a machine with access (`hf download "
-                f"{self.model_id} --local-dir DIR`), copy DIR here and pass it as `model_id` "
-                "(`--model.segmenter.init_args.backbone.init_args.model_id DIR`); or try the "
-                "tool offline with `configs/smoke.yaml` (tiny random backbone, CPU)."
-            )
+        source, offline = resolve_source(
+            self.model_id,
+            self.revision,
+            self.local_files_only,
+            folders="unet/, vae/, text_encoder/, tokenizer/ and scheduler/",
+            save_hint="StableDiffusionPipeline.save_pretrained(DIR)",
+            offline_config="configs/smoke.yaml",
+        )
         kw = dict(revision=self.revision, local_files_only=offline)
         try:
             unet = UNet2DConditionModel.from_pretrained(
@@ -312,9 +353,7 @@ class TinyStableDiffusion(Backbone):
 
         device = torch.device(device)
         dtype = _resolve_dtype(self.dtype, device)
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-        try:
+        with seeded(self.seed):
             unet = UNet2DConditionModel(
                 block_out_channels=(8, 8, 16, 16),
                 layers_per_block=2,
@@ -351,8 +390,6 @@ class TinyStableDiffusion(Backbone):
                     max_position_embeddings=77,
                 )
             ).eval()
-        finally:
-            torch.random.set_rng_state(gen_state)
         scheduler = EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG)
         ids = torch.tensor([[0, 2] + [1] * 75])  # <bos> <eos> <pad>...: the empty prompt
         with torch.no_grad():
@@ -382,14 +419,10 @@ class RandomStableDiffusion(Backbone):
     def load(self, device: torch.device | str = "cpu") -> LoadedBackbone:
         device = torch.device(device)
         dtype = _resolve_dtype(self.dtype, device)
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-        try:
+        with seeded(self.seed):
             with device:
                 unet = UNet2DConditionModel(**SD21_UNET_CONFIG)
                 vae = AutoencoderKL(**SD21_VAE_CONFIG)
             cond = torch.randn(1, SD21_TEXT_LENGTH, SD21_TEXT_DIM)
-        finally:
-            torch.random.set_rng_state(gen_state)
         scheduler = EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG)
         return _finish(unet, vae, scheduler, cond, device, dtype)

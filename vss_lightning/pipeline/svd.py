@@ -34,7 +34,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -46,10 +45,9 @@ from .backbone import (
     BackboneNotFoundError,
     DTypeName,
     LoadedModels,
-    _hub_endpoint,
-    _hub_reachable,
-    _in_hub_cache,
     _resolve_dtype,
+    resolve_source,
+    seeded,
 )
 from .modulation import decoder_block_layer
 from .sampler import PassRecord
@@ -252,24 +250,14 @@ class StableVideoDiffusion(VideoBackbone):
 
         device = torch.device(device)
         dtype = _resolve_dtype(self.dtype, device)
-        local = Path(self.model_id).expanduser()
-        if local.exists() and not (local / "unet").is_dir():
-            raise BackboneNotFoundError(
-                f"Expected `model_id` {self.model_id!r} to be a diffusers folder with unet/, vae/, "
-                "image_encoder/, feature_extractor/ and scheduler/, but it has no unet/ folder. Save the "
-                "checkpoint with `StableVideoDiffusionPipeline.save_pretrained(DIR)` or "
-                f"`hf download {SVD_ID} --local-dir DIR`."
-            )
-        source = str(local) if local.exists() else self.model_id
-        offline = self.local_files_only or local.exists() or _in_hub_cache(self.model_id, self.revision)
-        if not offline and not _hub_reachable():
-            raise BackboneNotFoundError(
-                f"Expected to download `model_id` {self.model_id!r} from the Hugging Face hub, but the hub "
-                f"({_hub_endpoint()}) cannot be reached from this machine and the model is not in the local "
-                "cache.\nFix: download it on a machine with access (`hf download "
-                f"{self.model_id} --local-dir DIR`), copy DIR here and pass it as `model_id`; or try the "
-                "video backbone offline with `configs/smoke_svd.yaml` (tiny random backbone, CPU)."
-            )
+        source, offline = resolve_source(
+            self.model_id,
+            self.revision,
+            self.local_files_only,
+            folders="unet/, vae/, image_encoder/, feature_extractor/ and scheduler/",
+            save_hint="StableVideoDiffusionPipeline.save_pretrained(DIR)",
+            offline_config="configs/smoke_svd.yaml",
+        )
         kw = dict(revision=self.revision, local_files_only=offline)
         weights = dict(variant=self.variant, use_safetensors=True, **kw)
         try:
@@ -330,9 +318,7 @@ class TinyStableVideoDiffusion(VideoBackbone):
 
         device = torch.device(device)
         dtype = _resolve_dtype(self.dtype, device)
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-        try:
+        with seeded(self.seed):
             unet = UNetSpatioTemporalConditionModel(
                 sample_size=32,
                 block_out_channels=(32, 32, 32, 32),
@@ -360,8 +346,6 @@ class TinyStableVideoDiffusion(VideoBackbone):
                     projection_dim=32,
                 )
             )
-        finally:
-            torch.random.set_rng_state(gen_state)
         scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG)
         return _finish(unet, vae, image_encoder, scheduler, CLIP_MEAN, CLIP_STD, device, dtype)
 
@@ -394,15 +378,10 @@ class RandomStableVideoDiffusion(VideoBackbone):
 
         device = torch.device(device)
         dtype = _resolve_dtype(self.dtype, device)
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-        try:
-            with device:
-                unet = UNetSpatioTemporalConditionModel(**SVD_UNET_CONFIG)
-                vae = AutoencoderKLTemporalDecoder(**SVD_VAE_CONFIG)
-                image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**SVD_IMAGE_ENCODER_CONFIG))
-        finally:
-            torch.random.set_rng_state(gen_state)
+        with seeded(self.seed), device:
+            unet = UNetSpatioTemporalConditionModel(**SVD_UNET_CONFIG)
+            vae = AutoencoderKLTemporalDecoder(**SVD_VAE_CONFIG)
+            image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**SVD_IMAGE_ENCODER_CONFIG))
         scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG)
         return _finish(unet, vae, image_encoder, scheduler, CLIP_MEAN, CLIP_STD, device, dtype)
 
