@@ -91,6 +91,14 @@ class ModulationSettings:
         return decoder_block_layer(self.block, self.attention)
 
 
+def check_steps(settings: ModulationSettings, steps: range) -> None:
+    """Validate that the modulation and blending steps lie in the sampler's step window."""
+    for name, values in (("steps", settings.steps), ("blend_steps", settings.blend_steps)):
+        bad = [v for v in values if v not in steps]
+        if bad:
+            raise ValueError(f"Expected `modulation.{name}` to be within {list(steps)}, but got {bad}.")
+
+
 def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (N, H, W) maps with reflect-101 borders (OpenCV's default)."""
     if kernel_size <= 1:
@@ -139,11 +147,7 @@ class MaskedModulation:
     def __init__(self, settings: ModulationSettings, sampler: DiffusionSampler) -> None:
         self.s = settings
         self.sampler = sampler
-        steps = list(sampler.steps)
-        for name, values in (("steps", settings.steps), ("blend_steps", settings.blend_steps)):
-            bad = [v for v in values if v not in steps]
-            if bad:
-                raise ValueError(f"Expected `modulation.{name}` to be within {steps}, but got {bad}.")
+        check_steps(settings, sampler.steps)
         if list(settings.layer_types) != ["spatial"] or list(settings.inject_layer_types) != ["spatial"]:
             raise ValueError(
                 "Expected `modulation.layer_types` and `modulation.inject_layer_types` to be ['spatial'] "

@@ -10,6 +10,7 @@ query/key of every decoder attention at every step and the latent after every st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -41,6 +42,42 @@ def resize_to_multiple(frames: torch.Tensor, multiple: int = 64) -> torch.Tensor
     if (th, tw) != (h, w):
         x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
     return x.clamp(-1.0, 1.0)
+
+
+def check_window(start_step: int, num_inference_steps: int, max_batch_images: int) -> None:
+    """Validate a sampler's step window and memory budget (shared by the SD and SVD samplers)."""
+    if not 0 <= start_step < num_inference_steps:
+        raise ValueError(f"Expected `start_step` to be in [0, {num_inference_steps}), but got {start_step}.")
+    if max_batch_images < 2:
+        raise ValueError(f"Expected `max_batch_images` to be at least 2, but got {max_batch_images}.")
+
+
+def decode_in_chunks(
+    latents: torch.Tensor,
+    chunk_size: int,
+    decoder: torch.nn.Module,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Decode latents `chunk_size` at a time; with a compiled `decoder` the last chunk is padded to one
+    input shape (instead of recompiling) and the padding is dropped from the output.
+
+    Args:
+        latents: (N, ...) latents.
+        chunk_size: most latents per call of `decode`.
+        decoder: the VAE's decoder module (checked for `torch.compile`).
+        decode: maps a chunk of latents to float32 images.
+
+    Returns:
+        (N, 3, H, W) images.
+    """
+    compiled = isinstance(decoder, torch._dynamo.OptimizedModule)
+    out = []
+    for chunk in latents.split(chunk_size):
+        n = chunk.shape[0]
+        if compiled and n < chunk_size:
+            chunk = torch.cat([chunk, chunk[-1:].expand(chunk_size - n, *chunk.shape[1:])])
+        out.append(decode(chunk)[:n])
+    return torch.cat(out)
 
 
 @dataclass
@@ -83,12 +120,7 @@ class DiffusionSampler:
         max_batch_images: int = 56,
         vae_batch_images: int = 8,
     ) -> None:
-        if not 0 <= start_step < num_inference_steps:
-            raise ValueError(
-                f"Expected `start_step` to be in [0, {num_inference_steps}), but got {start_step}."
-            )
-        if max_batch_images < 2:
-            raise ValueError(f"Expected `max_batch_images` to be at least 2, but got {max_batch_images}.")
+        check_window(start_step, num_inference_steps, max_batch_images)
         self.bb = backbone
         self.guidance_scale = guidance_scale
         self.max_batch_images = max_batch_images
@@ -120,16 +152,12 @@ class DiffusionSampler:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(N, 4, h, w) scaled latents -> (N, 3, 8h, 8w) float32 images in about [-1, 1]."""
         vae = self.bb.vae
-        out = []
-        for chunk in latents.split(self.vae_batch_images):
-            n = chunk.shape[0]
-            if n < self.vae_batch_images and isinstance(vae.decoder, torch._dynamo.OptimizedModule):
-                # one input shape for a compiled decoder: pad the last chunk instead of recompiling
-                pad = chunk[-1:].expand(self.vae_batch_images - n, -1, -1, -1)
-                chunk = torch.cat([chunk, pad])
-            img = vae.decode(chunk.to(self.bb.dtype) / vae.config.scaling_factor).sample.float()
-            out.append(img[:n])
-        return torch.cat(out)
+        return decode_in_chunks(
+            latents,
+            self.vae_batch_images,
+            vae.decoder,
+            lambda z: vae.decode(z.to(self.bb.dtype) / vae.config.scaling_factor).sample.float(),
+        )
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward noising to the start step: z = z0 + sigma[start] * eps."""

@@ -50,7 +50,7 @@ from .backbone import (
     seeded,
 )
 from .modulation import decoder_block_layer
-from .sampler import PassRecord
+from .sampler import PassRecord, check_window, decode_in_chunks
 
 SVD_ID = "stabilityai/stable-video-diffusion-img2vid"
 
@@ -454,12 +454,7 @@ class SVDSampler:
         vae_batch_images: int = 8,
         conditioning: SVDSettings | None = None,
     ) -> None:
-        if not 0 <= start_step < num_inference_steps:
-            raise ValueError(
-                f"Expected `start_step` to be in [0, {num_inference_steps}), but got {start_step}."
-            )
-        if max_batch_images < 2:
-            raise ValueError(f"Expected `max_batch_images` to be at least 2, but got {max_batch_images}.")
+        check_window(start_step, num_inference_steps, max_batch_images)
         self.bb = backbone
         self.settings = conditioning if conditioning is not None else SVDSettings()
         self.guidance_scale = guidance_scale
@@ -530,15 +525,14 @@ class SVDSampler:
         result does not depend on how frames are chunked.
         """
         vae = self.bb.vae
-        out = []
-        for chunk in latents.split(self.vae_batch_images):
-            n = chunk.shape[0]
-            if n < self.vae_batch_images and isinstance(vae.decoder, torch._dynamo.OptimizedModule):
-                # one input shape for a compiled decoder: pad the last chunk instead of recompiling
-                chunk = torch.cat([chunk, chunk[-1:].expand(self.vae_batch_images - n, -1, -1, -1)])
-            z = chunk.to(self.bb.device, self.bb.dtype) / vae.config.scaling_factor
-            out.append(vae.decode(z, num_frames=1).sample.float()[:n])
-        return torch.cat(out)
+        return decode_in_chunks(
+            latents,
+            self.vae_batch_images,
+            vae.decoder,
+            lambda z: vae.decode(
+                z.to(self.bb.device, self.bb.dtype) / vae.config.scaling_factor, num_frames=1
+            ).sample.float(),
+        )
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward noising to the start step: z = z0 + sigma[start] * eps."""

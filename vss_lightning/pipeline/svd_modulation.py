@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionControl, installed_processors
-from .modulation import ModulationSettings, _to_grid, difference_maps, upsample_labels
+from .modulation import ModulationSettings, _to_grid, check_steps, difference_maps, upsample_labels
 from .svd import SVDPassRecord, SVDSampler, svd_block_layer
 
 
@@ -62,11 +62,7 @@ class SVDModulation:
     def __init__(self, settings: ModulationSettings, sampler: SVDSampler) -> None:
         self.s = settings
         self.sampler = sampler
-        steps = list(sampler.steps)
-        for name, values in (("steps", settings.steps), ("blend_steps", settings.blend_steps)):
-            bad = [v for v in values if v not in steps]
-            if bad:
-                raise ValueError(f"Expected `modulation.{name}` to be within {steps}, but got {bad}.")
+        check_steps(settings, sampler.steps)
         types = list(settings.layer_types)
         if not types or len(set(types)) != len(types):
             raise ValueError(
