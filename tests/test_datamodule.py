@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from vss_lightning.data import shards as shards_module
 from vss_lightning.data.datamodule import (
     VideoShardDataModule,
     VideoShardDataset,
@@ -32,6 +35,7 @@ from vss_lightning.data.format import (
     encode_sample,
     sample_key,
 )
+from vss_lightning.data.shards import DatasetInfo, dataset_info
 
 
 def jpeg(arr: np.ndarray) -> bytes:
@@ -58,9 +62,10 @@ def write_shard(path: Path, samples: list[dict]) -> str:
     return str(path)
 
 
-def write_manifest(folder: Path, counts: dict[str, int]) -> None:
+def write_manifest(folder: Path, counts: dict[str, int], **info) -> None:
+    """A manifest.json as data_tools writes it (the fields read here), plus `info` (num_classes, ...)."""
     shards = [{"name": k, "clips": v, "videos": v} for k, v in counts.items()]
-    (folder / "manifest.json").write_text(json.dumps({"shards": shards}))
+    (folder / "manifest.json").write_text(json.dumps({"shards": shards, **info}))
 
 
 def read(dm: VideoShardDataModule) -> list[VideoSample | FailedSample]:
@@ -91,6 +96,82 @@ def test_resolve_shards_patterns(tmp_path: Path) -> None:
         resolve_shards(str(tmp_path / "y-*.tar"))
     with pytest.raises(ValueError, match="manifest.json"):
         resolve_shards(str(tmp_path.parent))
+
+
+def test_resolve_shards_errors_name_the_argument_and_the_fix(tmp_path: Path) -> None:
+    url = write_shard(tmp_path / "x-000000.tar", [sample("a")])
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{not json")
+    cases = [
+        ([], "to be a non-empty string or list of strings"),
+        (str(tmp_path / "bare"), r"to hold the manifest.json of data_tools.*Pass a pattern such as"),
+        (str(tmp_path / "broken"), r"manifest.json \(next to the shards of `--gt`\).*--overwrite"),
+        (str(tmp_path / "y-*.tar"), "to match shard files, but it matches none"),
+        (str(tmp_path / "x-{000000..000002}.tar"), r"x-000001.tar' does not \(2 of 3 missing\).*inclusive"),
+        ([url, str(tmp_path / "x-*.tar")], "more than once. Name each shard by one"),
+    ]
+    for shards, message in cases:
+        for arg in ("--gt", "--data.shards"):
+            with pytest.raises(ValueError, match=message.replace("`--gt`", f"`{arg}`")) as e:
+                resolve_shards(shards, arg)
+            assert f"`{arg}`" in str(e.value), (shards, str(e.value))
+
+
+def test_dataset_info_reads_the_manifests_next_to_the_shards(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for folder in (a, b, c):
+        folder.mkdir()
+    ua = write_shard(a / "x-000000.tar", [sample("a")])
+    ub = write_shard(b / "x-000000.tar", [sample("b")])
+    uc = write_shard(c / "x-000000.tar", [sample("c")])
+    names = ["sky", "road", "car"]
+    write_manifest(a, {"x-000000.tar": 1}, num_classes=3, class_names=names)
+    write_manifest(b, {"x-000000.tar": 1}, num_classes=3, class_names=None)  # null: unknown, agrees
+    write_manifest(c, {"other.tar": 1}, num_classes=7)  # does not list this shard: says nothing about it
+    urls = resolve_shards([str(a), str(b), str(c / "*.tar")])[0]
+    assert urls == sorted([ua, ub, uc])
+    info = dataset_info(urls)
+    assert (info.num_classes, info.class_names) == (3, names)
+    assert info.manifests == (str(a / "manifest.json"), str(b / "manifest.json"))
+    assert dataset_info([uc, "pipe:cat x.tar"]) == DatasetInfo()  # no manifest counts; remote skipped
+    write_manifest(b, {"x-000000.tar": 1}, num_classes=4)
+    with pytest.raises(ValueError, match=r"agree on `num_classes`, but .*a/manifest.json records 3 and "
+                       r".*b/manifest.json records 4") as e:  # fmt: skip
+        dataset_info(urls, "--gt")
+    assert "`--gt`" in str(e.value)
+    write_manifest(b, {"x-000000.tar": 1}, class_names=["sky", "road", "bus"])
+    with pytest.raises(ValueError, match=r"agree on `class_names`.*a/manifest.json.*b/manifest.json"):
+        dataset_info(urls)
+    write_manifest(b, {"x-000000.tar": 1}, num_classes="3")
+    with pytest.raises(ValueError, match=r"Expected `num_classes` in .*b/manifest.json to be a positive"):
+        dataset_info(urls)
+
+
+def test_datamodule_exposes_the_manifest_and_names_its_argument(tmp_path: Path) -> None:
+    write_shard(tmp_path / "x-000000.tar", [sample("a")])
+    write_manifest(tmp_path, {"x-000000.tar": 1}, num_classes=5, class_names=None)
+    dm = VideoShardDataModule(str(tmp_path), num_workers=0)
+    dm.setup("test")
+    assert dm.dataset_info == DatasetInfo(5, None, (str(tmp_path / "manifest.json"),))
+    assert VideoShardDataModule(str(tmp_path / "*.tar")).dataset_info.num_classes == 5  # any form
+    with pytest.raises(ValueError, match="Expected every shard named by `--data.shards` to exist"):
+        VideoShardDataModule(str(tmp_path / "x-000009.tar")).setup("predict")
+
+
+def test_shard_naming_imports_no_torch_or_lightning() -> None:
+    """`data/shards.py` is usable by command-line tools before any heavy import."""
+    path = Path(shards_module.__file__)
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('shards', {str(path)!r})\n"
+        "module = sys.modules['shards'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "heavy = sorted(m for m in ('torch', 'lightning', 'numpy', 'webdataset') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("num_shards", [1, 3, 7])

@@ -7,6 +7,7 @@ import math
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,11 @@ def make_videos(seed: int = 0) -> list[dict]:
     return videos
 
 
-def write_shards(root: Path, videos: list[dict]) -> str:
-    """Write the videos (vid_a split into 2 clips, in 2 shards) and return a brace pattern."""
+def write_shards(root: Path, videos: list[dict], meta_num_classes: int | None = NUM_CLASSES) -> str:
+    """Write the videos (vid_a split into 2 clips, in 2 shards) and return a brace pattern.
+
+    `meta_num_classes` is the `num_classes` each sample's metadata records (None: not recorded).
+    """
     root.mkdir(parents=True, exist_ok=True)
     writers = [wds.TarWriter(str(root / f"val-{i:06d}.tar")) for i in range(2)]
     for v_index, v in enumerate(videos):
@@ -74,7 +78,7 @@ def write_shards(root: Path, videos: list[dict]) -> str:
                 clip_index=clip,
                 num_clips=v["clips"],
                 frame_offset=lo,
-                num_classes=NUM_CLASSES,
+                num_classes=meta_num_classes,
             )
             rgb = encode_png(np.zeros((h, w, 3), dtype=np.uint8))
             labels = {i - lo: encode_png(v["gt"][i].astype(np.uint8)) for i in v["labelled"] if lo <= i < hi}
@@ -82,6 +86,18 @@ def write_shards(root: Path, videos: list[dict]) -> str:
     for writer in writers:
         writer.close()
     return str(root / "val-{000000..000001}.tar")
+
+
+def write_manifest(root: Path, num_classes: int | None = NUM_CLASSES) -> Path:
+    """The manifest.json data_tools writes next to the shards (the fields evaluation reads)."""
+    shards = []
+    for path in sorted(root.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            clips = len({m.name.split(".", 1)[0] for m in tar.getmembers()})
+        shards.append({"name": path.name, "clips": clips})
+    manifest = {"source": "test", "num_classes": num_classes, "class_names": None, "shards": shards}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root / "manifest.json"
 
 
 def write_predictions(root: Path, videos: list[dict]) -> None:
@@ -208,10 +224,14 @@ def test_wrong_size_prediction(dataset):
 
 def test_input_errors(dataset, tmp_path):
     videos, pattern, pred = dataset
-    with pytest.raises(EvaluationError, match="Expected `--gt` to match at least one shard"):
+    with pytest.raises(EvaluationError, match="pattern .*none-.* in `--gt` to match shard files"):
         evaluate(str(pred), str(tmp_path / "none-*.tar"), NUM_CLASSES)
-    with pytest.raises(EvaluationError, match="val-000002.tar.*does not"):
+    with pytest.raises(EvaluationError, match="named by `--gt` to exist, but .*val-000002.tar' does not"):
         evaluate(str(pred), str(tmp_path / "shards" / "val-{000000..000009}.tar"), NUM_CLASSES)
+    with pytest.raises(
+        EvaluationError, match=r"folder .* in `--gt` to hold the manifest.json.*shards/\*.tar' instead"
+    ):
+        evaluate(str(pred), str(tmp_path / "shards"), NUM_CLASSES)  # a folder without manifest.json
     with pytest.raises(EvaluationError, match=r"only clips \[[01]\] were found"):
         evaluate(str(pred), str(tmp_path / "shards" / "val-000000.tar"), NUM_CLASSES)
     with pytest.raises(
@@ -222,3 +242,76 @@ def test_input_errors(dataset, tmp_path):
     Image.fromarray(np.zeros((5, 7, 3), dtype=np.uint8)).save(rgb)
     with pytest.raises(EvaluationError, match=rf"{re.escape(str(rgb))}.*single-channel.*'RGB'"):
         evaluate(str(pred), pattern, NUM_CLASSES, missing="as-wrong")
+
+
+def test_folder_and_list_equal_the_pattern_and_num_classes_comes_from_the_manifest(dataset, tmp_path):
+    videos, pattern, pred = dataset
+    shards = tmp_path / "shards"
+    write_manifest(shards)
+    want = expected(videos)
+    assert_same(evaluate(str(pred), str(shards)), want)  # folder, C from manifest.json
+    assert_same(evaluate(str(pred), [str(p) for p in sorted(shards.glob("*.tar"))], NUM_CLASSES), want)
+    glob_out, folder_out = tmp_path / "glob.json", tmp_path / "folder.json"
+    glob_pattern = str(shards / "val-*.tar")
+    proc = run_cli("--pred", str(pred), "--gt", glob_pattern, "--num_classes", str(NUM_CLASSES), "--out",
+                   str(glob_out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("--pred", str(pred), "--gt", str(shards), "--out", str(folder_out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(folder_out.read_text()) == json.loads(glob_out.read_text())
+    assert len(json.loads(folder_out.read_text())["per_class_iou"]) == NUM_CLASSES
+    shard_files = [str(p) for p in sorted(shards.glob("*.tar"))]
+    proc = run_cli("--pred", str(pred), "--gt", *shard_files)  # several `--gt` values
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads(glob_out.read_text())
+
+
+def test_num_classes_from_manifest_then_metadata_else_a_clear_error(tmp_path):
+    videos = make_videos()
+    write_predictions(tmp_path / "pred", videos)
+    pred, want = str(tmp_path / "pred"), expected(videos)
+    bare = tmp_path / "bare"  # the samples record no num_classes
+    write_shards(bare, videos, meta_num_classes=None)
+    proc = run_cli("--pred", pred, "--gt", str(bare / "*.tar"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Expected `--num_classes` to be given" in proc.stderr and "Pass `--num_classes C`" in proc.stderr
+    assert_same(evaluate(pred, str(bare / "*.tar"), NUM_CLASSES), want)
+    write_manifest(bare, NUM_CLASSES)
+    got = evaluate(pred, str(bare))  # from the manifest only
+    assert_same(got, want)
+    assert len(got["per_class_iou"]) == NUM_CLASSES
+    write_manifest(bare, NUM_CLASSES + 1)  # the manifest decides C when the samples do not record it
+    assert len(evaluate(pred, str(bare))["per_class_iou"]) == NUM_CLASSES + 1
+    meta = tmp_path / "meta"  # no manifest: the samples' metadata tells C
+    write_shards(meta, videos)
+    assert_same(evaluate(pred, str(meta / "*.tar")), want)
+
+
+def test_num_classes_that_disagrees_with_the_manifest_is_an_error(dataset, tmp_path):
+    _, pattern, pred = dataset
+    manifest = write_manifest(tmp_path / "shards")
+    for gt in (pattern, str(tmp_path / "shards")):
+        with pytest.raises(
+            EvaluationError,
+            match=rf"`--num_classes` to match the shards' manifest.json \({re.escape(str(manifest))}: 5\), "
+            r"but got 7. Pass `--num_classes 5`",
+        ):
+            evaluate(str(pred), gt, 7)
+    proc = run_cli("--pred", str(pred), "--gt", str(tmp_path / "shards"), "--num_classes", "7")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "`--num_classes 5`" in proc.stderr
+    write_manifest(tmp_path / "shards", NUM_CLASSES + 1)  # manifest and samples disagree
+    with pytest.raises(EvaluationError, match="records num_classes=5. The shards disagree"):
+        evaluate(str(pred), pattern)
+
+
+def test_shard_cut_between_samples_is_caught_by_the_manifest(dataset, tmp_path):
+    _, pattern, pred = dataset
+    shards = tmp_path / "shards"
+    write_manifest(shards)
+    first = shards / "val-000000.tar"
+    with tarfile.open(first) as tar:
+        last_key = tar.getmembers()[-1].name.split(".", 1)[0]
+        cut = next(m for m in tar.getmembers() if m.name.startswith(last_key)).offset
+    first.write_bytes(first.read_bytes()[:cut])  # a valid, shorter tar: tar itself cannot tell
+    with pytest.raises(EvaluationError, match=r"val-000000.tar' to hold \d+ samples as its manifest.json"):
+        evaluate(str(pred), str(shards))

@@ -403,5 +403,6 @@ def test_ddp_compute_equals_single_process(tmp_path):
             assert got["frames"] == want["frames"] and got["videos"] == want["videos"]
             for key in ("mIoU", "pixel_acc", "mVC8", "mVC16"):
                 assert got[key] == pytest.approx(want[key], abs=1e-12, nan_ok=True), (matching, key)
+            # ratios of the same integer counts, in float64: equal up to the division's rounding.
             np.testing.assert_allclose(got["per_class_iou"], want["per_class_iou"], atol=1e-12)
             assert_bundle_equal(got, expected_bundle(preds, targets, 6, matching))

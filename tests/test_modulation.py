@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerance import assert_equal_up_to_rounding
 
 from vss_lightning.pipeline.attention import AttentionControl
 from vss_lightning.pipeline.modulation import (
@@ -44,7 +45,9 @@ def test_zero_strength_with_injection_reproduces_the_unmodulated_pass(batch):
     masks = torch.zeros(3, 8, 12)
     masks[:, 2:6, 3:9] = 1
     z = mm.run_units(record, torch.arange(3), masks, torch.ones(3))
-    torch.testing.assert_close(z, record.latents[24], rtol=0, atol=1e-6)
+    # Same math in other batch shapes: float32 rounding, hardly amplified by the tiny SD UNet over 3
+    # steps (measured 0 on x86-64); 1000 eps = 1.2e-4 relative, far below a modulation's effect.
+    assert_equal_up_to_rounding(z, record.latents[24], 1000, "zero-strength latents")
 
 
 def test_modulation_changes_latents_and_signs_differ(batch):
@@ -94,6 +97,7 @@ def test_gaussian_blur_matches_a_naive_reflect101_convolution():
     for i in range(9):
         for j in range(11):
             ref[:, i, j] = (pad[:, i : i + 5, j : j + 5] * k2).sum((1, 2))
+    # float64, 25-term weighted sums of values in [0, 1]: < 100 eps whatever the summation order.
     np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
 
 
@@ -167,7 +171,8 @@ def test_prefix_reuse_leaves_latents_and_labels_unchanged(tiny_backbone):
     frames, signs = torch.tensor([2, 0, 2, 1]), torch.tensor([1.0, -1.0, -1.0, 1.0])
     z_plain = mm.run_units(plain, frames, masks, signs)
     z_reused = mm.run_units(reused, frames, masks, signs)
-    torch.testing.assert_close(z_reused, z_plain, rtol=1e-5, atol=1e-5)
+    # The reused prefix is the same computation cached: float32 rounding of other batch shapes.
+    assert_equal_up_to_rounding(z_reused, z_plain, 1000, "prefix-reuse latents")
     coarse = _coarse()
     assert torch.equal(mm.labels(reused, coarse, (128, 192)), mm.labels(plain, coarse, (128, 192)))
     # the patched forwards are gone afterwards

@@ -4,13 +4,22 @@ skip before compute, test-time metrics)."""
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-from shards import make_shards, make_video, one_thread  # noqa: F401 (fixture)
+from shards import (  # noqa: F401 (fixture)
+    CONFIGS,
+    make_shards,
+    make_video,
+    one_thread,
+    video_samples,
+    write_shard,
+)
 
+from vss_lightning import cli
 from vss_lightning.data.datamodule import VideoShardDataModule
 from vss_lightning.data.format import FailedSample, SampleError, VideoMeta, VideoSample
 from vss_lightning.io.summary import VideoFailed, VideoLabels, VideoSkipped
@@ -190,7 +199,7 @@ def test_test_stage_scores_and_writes_metrics(tmp_path):
     for vid, video in videos.items():
         assert len(list((out / vid).glob("*.png"))) == len(video.frames)
         assert json.loads((out / vid / "DONE").read_text())["label_mode"] == "first_frame_gt"
-    with pytest.raises(ValueError, match="Expected `model.num_classes`"):
+    with pytest.raises(ValueError, match="Expected `--model.num_classes` to be set for `test`"):
         ZeroShotVSS(segmenter).setup("test")
 
 
@@ -227,3 +236,44 @@ def test_gt_anchor_first_labelled_segments_forwards_and_backwards_from_it():
     none = ZeroShotVSS(FakeSegmenter(), label_mode="first_frame_gt", gt_anchor="first_labelled")
     failed = none.run_sample(_sample("unlabelled", t=3, labels=torch.full((3, 8, 12), 255)))
     assert isinstance(failed, VideoFailed) and "at least one labelled frame" in failed.error
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+def test_lightning_test_takes_num_classes_from_the_manifest(tmp_path, capsys):
+    """`test` without `--model.num_classes`: C comes from the shards' manifest.json; a different C given
+    is an error before any video is segmented."""
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    video = make_video("m", 2, size=(64, 96))
+    write_shard(shards / "m-000000.tar", video_samples(video, labelled=True))  # samples record no C
+    manifest = {"num_classes": 6, "class_names": None, "shards": [{"name": "m-000000.tar", "clips": 1}]}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    args = ["test", "--config", str(CONFIGS / "smoke.yaml"), "--data.shards", str(shards), "--output_dir",
+            str(out), "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    cli.main(args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_classes"] == 6 and len(metrics["per_class_iou"]) == 6 and metrics["frames"] == 2
+    iou = metrics["per_class_iou"]
+    assert None not in iou[:4] and iou[4:] == [None, None]  # classes 4, 5 are absent from the labels
+    with pytest.raises((ValueError, SystemExit)) as error:  # SystemExit: the CLI prints user errors
+        cli.main([*args[:-2], "--output_dir", str(tmp_path / "other"), "--model.num_classes", "4"])
+    message = str(error.value) if isinstance(error.value, ValueError) else capsys.readouterr().err
+    want = r"Expected `--model.num_classes` to match the shards' manifest.json \(6\), but got 4. Pass "
+    assert re.search(want + r"--model.num_classes 6, or leave it unset", message), message
+    assert not (tmp_path / "other" / "m").exists()
+
+
+def test_validate_takes_num_classes_from_each_datamodule_it_runs_on(tmp_path):
+    """The manifest's C is taken per run: the same module validates two datasets with their own C."""
+    module = ZeroShotVSS(FakeSegmenter())
+    for num_classes in (6, 3):
+        shards = tmp_path / f"c{num_classes}"
+        video = make_video("m", 2, size=(16, 24))
+        write_shard(shards / "m-000000.tar", video_samples(video, labelled=True))
+        manifest = {"num_classes": num_classes, "shards": [{"name": "m-000000.tar", "clips": 1}]}
+        (shards / "manifest.json").write_text(json.dumps(manifest))
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        results = trainer.validate(module, datamodule=VideoShardDataModule(str(shards), num_workers=0))
+        assert module.num_classes == num_classes and module.metrics.iou.num_classes == num_classes
+        assert 0.0 <= results[0]["val/mIoU"] <= 1.0

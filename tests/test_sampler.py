@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import assert_equal_up_to_rounding
 
 from vss_lightning.pipeline.attention import AttentionControl
 from vss_lightning.pipeline.sampler import DiffusionSampler, resize_to_multiple
@@ -46,7 +47,8 @@ def test_cfg_step_equals_diffusers_euler_step(tiny_backbone):
         eps = bb.unet(inp, t, encoder_hidden_states=emb).sample
     eu, ec = eps.chunk(2)
     ref = sched.step(eu + 5.0 * (ec - eu), t, x).prev_sample
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # One UNet evaluation in float32, our CFG batch vs the reference's: rounding of other shapes.
+    assert_equal_up_to_rounding(ours, ref, 1000, "one CFG step")
 
 
 def test_unmodulated_pass_records_every_decoder_layer_and_is_chunk_invariant(tiny_backbone):
@@ -59,11 +61,15 @@ def test_unmodulated_pass_records_every_decoder_layer_and_is_chunk_invariant(tin
         z, AttentionControl(), [feat], 24
     )
     assert sorted(big.qk) == [22, 23, 24] and sorted(big.latents) == [22, 23, 24]
-    assert len(big.qk[22]) == 18  # 9 decoder transformer blocks x (self, cross)
+    # 6 decoder transformer blocks (the tiny UNet's up_blocks.1-2; SD 2.1 has 9) x (self, cross)
+    assert len(big.qk[22]) == 12 and all(n.startswith(("up_blocks.1.", "up_blocks.2.")) for n in big.qk[22])
     q, k = big.qk[23][feat]
     assert q.shape[:2] == (2, 3)  # (branch, frame, heads, tokens, head_dim)
     assert big.features[feat].shape == (3, 4 * 6, q.shape[2] * q.shape[4])
+    # Chunk sizes change only the kernels' blocking: float32 rounding, which the tiny SD UNet hardly
+    # amplifies over 3 steps (measured on x86-64: 3e-7 relative on latents, 1e-6 on features, i.e.
+    # < 10 eps); a budget of 1000 eps (1.2e-4 relative) leaves 100x for other CPUs.
     for step in (22, 23, 24):
-        torch.testing.assert_close(big.latents[step], small.latents[step], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(big.qk[step][feat][0], small.qk[step][feat][0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(big.features[feat], small.features[feat], rtol=1e-4, atol=1e-5)
+        assert_equal_up_to_rounding(big.latents[step], small.latents[step], 1000, f"latents {step}")
+        assert_equal_up_to_rounding(big.qk[step][feat][0], small.qk[step][feat][0], 1000, f"q {step}")
+    assert_equal_up_to_rounding(big.features[feat], small.features[feat], 1000, "features")

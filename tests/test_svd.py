@@ -12,6 +12,7 @@ import yaml
 from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
+from tolerance import assert_equal_up_to_rounding
 
 from vss_lightning import cli
 from vss_lightning.pipeline.attention import AttentionControl, installed_processors
@@ -53,6 +54,15 @@ def _frames(n: int, h: int = 64, w: int = 128, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+# Runs of the random tiny SVD that differ only in batch shape agree to rounding, amplified by the
+# 8 EDM steps: the random network is chaotic (a float32 rounding difference grows to ~1e-2 relative),
+# so identities are checked in float64, where the differences measured on x86-64 reach 6e-8 relative
+# (~3e8 eps). The budget, 5e10 eps = 1.1e-5 relative, leaves ~200x for other CPUs' kernels, and is
+# still 100x below what the defects these tests guard against do (a modulation, a misplaced or
+# missing injection: > 1e-3 relative, see the `not allclose(..., atol=1e-3)` checks).
+SVD_FLOAT64_AMPLIFICATION = 5e10
+
+
 @pytest.fixture(scope="module")
 def batch():
     """An unmodulated pass over 2 random 64x128 frames (latent 8x16, feature grid 4x8), in float64.
@@ -84,10 +94,12 @@ def test_block_numbers_map_to_diffusers_svd_layer_names(tiny_svd):
         == "up_blocks.1.attentions.0.temporal_transformer_blocks.0.attn2"
     )
     names = tiny_svd.unet.attn_processors
+    # The tiny SVD has attention at the 1/16 and 1/32 levels only (decoder blocks 3-8; cheap on a CPU),
+    # the real one also at 1/8 (blocks 9-11).
     for block in range(3, 12):
         for attention in ("self", "cross"):
             for kind in ("spatial", "temporal"):
-                assert svd_block_layer(block, attention, kind) + ".processor" in names
+                assert (svd_block_layer(block, attention, kind) + ".processor" in names) == (block < 9)
     assert TinyStableVideoDiffusion().attention_layer(7, "self") == decoder_block_layer(7, "self")
     with pytest.raises(ValueError, match="decoder block"):
         svd_block_layer(2, "self")
@@ -159,7 +171,8 @@ def test_schedule_and_noising_match_diffusers(tiny_svd):
     assert torch.allclose(sm.timesteps, 0.25 * sched.sigmas[:-1].log())
     z0, noise = torch.randn(3, 4, 8, 16), torch.randn(3, 4, 8, 16)
     ref = sched.add_noise(z0, noise, sched.timesteps[17].repeat(3))
-    assert torch.allclose(sm.add_noise(z0, noise), ref, atol=1e-6)
+    # z0 + sigma * noise in float32 either way (elementwise: no reduction order to differ).
+    assert_equal_up_to_rounding(sm.add_noise(z0, noise), ref, 4, "noised latents")
 
 
 def test_conditioning_equals_the_diffusers_pipeline(tiny_svd):
@@ -181,8 +194,10 @@ def test_conditioning_equals_the_diffusers_pipeline(tiny_svd):
         embedding = pipe._encode_image(Image.fromarray(arr), "cpu", 1, False)
         noise = torch.randn((1, 3, 64, 128), generator=torch.Generator().manual_seed(3))
         latent = pipe._encode_vae_image(x[None] + 0.02 * noise, "cpu", 1, False)
-    assert torch.allclose(cond.image_embedding, embedding, atol=1e-6)
-    assert torch.allclose(cond.image_latent, latent, atol=1e-6)
+    # The same modules on the same inputs in the same shapes; the inputs differ by the resize path
+    # (ours in torch, the pipeline's in PIL/NumPy), a few float32 rounding units of the pixels.
+    assert_equal_up_to_rounding(cond.image_embedding, embedding, 100, "CLIP image embedding")
+    assert_equal_up_to_rounding(cond.image_latent, latent, 100, "conditioning latent")
     # The pipeline turns its `fps` argument into the id `fps - 1` before `_get_add_time_ids`.
     ids = pipe._get_add_time_ids(15 - 1, 127, 0.02, torch.float32, 1, 1, False)
     assert torch.equal(cond.added_time_ids, ids)
@@ -208,7 +223,9 @@ def test_one_cfg_step_equals_the_pipeline_loop_with_scheduler_step(tiny_svd):
         v = v_u + torch.linspace(1.0, 2.5, 3).view(1, 3, 1, 1, 1) * (v_c - v_u)
         ref = sched.step(v, t, x).prev_sample
     out = sm.cfg_step(x, 19, cond)
-    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+    # One UNet evaluation; ours batches the CFG branches in another shape than the pipeline: float32
+    # rounding through one step of the tiny SVD (its chaos needs several steps to grow).
+    assert_equal_up_to_rounding(out, ref, 1000, "one CFG step")
 
 
 # -- controlled processors ----------------------------------------------------------------------------
@@ -235,13 +252,16 @@ def test_processors_reproduce_default_attention_and_self_injection_is_identity(t
         control.record = set(every)
         _unet_out(bb, x1)
         rec = dict(control.recorded)
-        q, k = rec[temporal_self[0]]
-        assert q.shape[0] == 2 * 8 * 16 and q.shape[2] == 3  # (videos x pixels, heads, frames, d)
+        first = next(n for n in temporal_self if n.startswith("down_blocks.1."))  # at 1/2 latent size
+        q, k = rec[first]
+        assert q.shape[0] == 2 * 4 * 8 and q.shape[2] == 3  # (videos x pixels, heads, frames, d)
         control.reset()
         control.inject = {n: rec[n] for n in temporal_self}
         assert torch.equal(_unet_out(bb, x1), ref1)  # self-injection is the identity
         control.inject = {n: rec[n] for n in cross}  # another input's cross-attention q/k ...
-        assert torch.allclose(_unet_out(bb, x2), ref2, atol=1e-6)  # ... change nothing (one key)
+        # ... change nothing: with one key the softmax is exactly 1 whatever q and k are, so only the
+        # kernel's path may differ; a few rounding units of float32 at most.
+        assert_equal_up_to_rounding(_unet_out(bb, x2), ref2, amplification=64, what="one-key cross")
         control.inject = {n: rec[n] for n in temporal_self}
         assert not torch.allclose(_unet_out(bb, x2), ref2, atol=1e-3)
 
@@ -273,7 +293,7 @@ def test_zero_strength_with_injection_reproduces_the_unmodulated_pass(batch):
     assert out.shape == (2, 2, 4, 8, 16)
     assert set(record.qk[17]) == set(mm.inject_layers) and all("temporal" in n for n in mm.inject_layers)
     for u in range(2):
-        assert torch.allclose(out[u], record.latents[24], atol=1e-9)
+        assert_equal_up_to_rounding(out[u], record.latents[24], SVD_FLOAT64_AMPLIFICATION, f"unit {u}")
 
 
 def test_modulated_units_batch_freely_and_blending_keeps_the_outside(batch):
@@ -285,7 +305,7 @@ def test_modulated_units_batch_freely_and_blending_keeps_the_outside(batch):
     signs = torch.tensor([1.0, -1.0], dtype=torch.float64)
     both = mm.run_units(record, masks, signs)
     alone = torch.cat([mm.run_units(record, masks[i : i + 1], signs[i : i + 1]) for i in range(2)])
-    assert torch.allclose(both, alone, atol=1e-9)
+    assert_equal_up_to_rounding(both, alone, SVD_FLOAT64_AMPLIFICATION, "batched vs one at a time")
     lat_mask = torch.nn.functional.interpolate(masks.flatten(0, 1)[:, None], size=(8, 16))
     lat_mask = lat_mask.view(2, 2, 1, 8, 16)  # (U, F, 1, h8, w8)
     outside = (1 - lat_mask).expand_as(both).bool()

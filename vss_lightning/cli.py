@@ -31,20 +31,58 @@ SDK_EPILOG = (
 )
 
 
-def main(args: list[str] | None = None, prog: str = "vss-lightning") -> None:
-    """Entry point of `vss-lightning` and `python -m vss_lightning` (args default to `sys.argv[1:]`)."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "fit":
-        print(NO_FIT.format(prog=prog), file=sys.stderr)
-        raise SystemExit(2)
-    from vss_lightning.lightning_cli import run_cli
+# Exit statuses: 0 every video labelled or skipped as complete; 1 the job stopped on an error (the
+# message names the input and the fix); 2 a command-line or config mistake; 3 the job finished but
+# some videos failed (listed with their reasons under `failed` in summary.json).
+EXIT_ERROR, EXIT_USAGE, EXIT_SOME_FAILED = 1, 2, 3
+VERBOSE_FLAG = "--verbose"
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors a user causes (bad paths, values, a missing backbone): one line, no traceback."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from vss_lightning.pipeline.backbone import BackboneNotFoundError
 
+    return (BackboneNotFoundError, MisconfigurationException, ValueError, OSError)
+
+
+def main(args: list[str] | None = None, prog: str = "vss-lightning") -> None:
+    """Entry point of `vss-lightning` and `python -m vss_lightning` (args default to `sys.argv[1:]`).
+
+    `--verbose` (anywhere on the command line) shows the traceback of an error instead of one line.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    verbose = VERBOSE_FLAG in argv
+    argv = [a for a in argv if a != VERBOSE_FLAG]
+    if argv and argv[0] == "fit":
+        print(NO_FIT.format(prog=prog), file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    from vss_lightning.lightning_cli import failed_videos, run_cli
+
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = argv
+    user_errors = _user_error_types()
     try:
-        run_cli(args, prog=prog, epilog=SDK_EPILOG if prog == "lightning" else "")
-    except BackboneNotFoundError as e:  # the message says how to fix it; a traceback adds nothing
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        cli = run_cli(
+            None if args is None else argv, prog=prog, epilog=SDK_EPILOG if prog == "lightning" else ""
+        )
+    except user_errors as e:
+        if verbose:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        print(f"({prog} ... {VERBOSE_FLAG} shows the traceback.)", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+    failed = failed_videos(cli)
+    if failed:
+        print(
+            f"error: {failed} video(s) could not be labelled; the others were. Their ids and reasons are "
+            "under `failed` in summary.json; fix them and rerun the same command (finished videos are "
+            f"skipped). Exit status {EXIT_SOME_FAILED}.",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_SOME_FAILED)
 
 
 def _sdk_main() -> Callable[[], Any] | None:

@@ -1,6 +1,11 @@
 """Score a directory of predicted label PNGs against labelled shards.
 
-    python -m vss_lightning.evaluate --pred DIR --gt 'shards/val-{000000..000003}.tar' --num_classes 124
+    python -m vss_lightning.evaluate --pred DIR --gt shards/vspw-val [--num_classes 124]
+
+`--gt` names the labelled shards as `--data.shards` does (`data.shards.resolve_shards`): a folder with
+the `manifest.json` of data_tools, a brace pattern, a glob, a url, or several of these. `--num_classes`
+defaults to the manifest's `num_classes`, else to the one the samples' metadata record; a value given
+that disagrees with either is an error.
 
 Predictions are read from `<pred>/<video_id>/<frame_name>.png` (single-channel uint8 or uint16; the
 frame name comes from the shard's `meta.frame_names`), so labels written earlier, or by another tool,
@@ -17,26 +22,26 @@ null.
 from __future__ import annotations
 
 import argparse
-import glob
+import itertools
 import json
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from braceexpand import braceexpand
 from PIL import Image
 
 from vss_lightning.data.format import IGNORE_INDEX, VideoMeta, decode_sample
-from vss_lightning.data.reader import as_local, tar_samples
+from vss_lightning.data.reader import tar_samples
+from vss_lightning.data.shards import MANIFEST, dataset_info, resolve_shards
 from vss_lightning.metrics import VideoSegmentationMetrics
 
 PRED_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
-_GLOB_CHARS = set("*?[")
+GT_ARG = "--gt"
 
 
 class EvaluationError(ValueError):
@@ -62,29 +67,6 @@ class LabelledVideo:
     num_classes: int | None = None
 
 
-def expand_shards(pattern: str) -> list[str]:
-    """Expand a brace pattern and/or glob into shard paths (or URLs), in order.
-
-    Raises:
-        EvaluationError: if nothing matches, or a local path does not exist.
-    """
-    urls: list[str] = []
-    for part in braceexpand(pattern):
-        if _GLOB_CHARS & set(part) and "://" not in part:
-            urls.extend(sorted(as_local(p) for p in glob.glob(part)))
-        else:
-            urls.append(part)
-    if not urls:
-        raise EvaluationError(
-            f"Expected `--gt` to match at least one shard, but got {pattern!r} matching none."
-        )
-    for url in urls:
-        local = "://" not in url and not url.startswith("pipe:")
-        if local and not os.path.isfile(url):
-            raise EvaluationError(f"Expected shard {url!r} to exist, but it does not. Check `--gt`.")
-    return urls
-
-
 def _labelled_clip(
     meta: VideoMeta, labels: torch.Tensor | None, where: str
 ) -> tuple[list[str], torch.Tensor]:
@@ -106,17 +88,27 @@ def _labelled_clip(
     return [meta.frame_names[i] for i in indices], labels[indices]
 
 
-def iter_labelled_videos(urls: Sequence[str]) -> Iterator[LabelledVideo]:
+def iter_labelled_videos(
+    urls: Sequence[str], expected: Mapping[str, int] | None = None
+) -> Iterator[LabelledVideo]:
     """Read shards and yield each whole video's labelled frames once all of its clips are read.
 
+    Args:
+        urls: the shard urls, in order.
+        expected: samples per shard url as the manifests list them (`resolve_shards`), to catch a
+            shard cut between two samples (which tar cannot detect).
+
     Raises:
-        EvaluationError: if a video appears twice, or some of its clips are missing from the shards.
+        EvaluationError: if a video appears twice, some of its clips are missing from the shards, or a
+            shard holds fewer samples than its manifest lists.
         SampleError: if a sample cannot be decoded (the message names the shard and video).
     """
     dataset = tar_samples(list(urls))  # only schema fields are read; shard errors propagate
     pending: dict[str, dict[int, tuple[list[str], torch.Tensor, str]]] = {}
     done: set[str] = set()
+    counts: dict[str, int] = {}
     for raw in dataset:
+        counts[raw["__url__"]] = counts.get(raw["__url__"], 0) + 1
         sample = decode_sample(raw)
         meta, vid = sample.meta, sample.meta.video_id
         clips = pending.setdefault(vid, {})
@@ -143,6 +135,14 @@ def iter_labelled_videos(urls: Sequence[str]) -> Iterator[LabelledVideo]:
             raise EvaluationError(f"Expected all clips of video {vid!r} to have one frame size.")
         labels = torch.cat(maps) if maps else torch.zeros(0, 0, 0, dtype=torch.long)
         yield LabelledVideo(vid, names, labels, "; ".join(part[2] for part in parts), meta.num_classes)
+    short = [(url, want) for url, want in (expected or {}).items() if counts.get(url, 0) < want]
+    if short:
+        url, want = short[0]
+        raise EvaluationError(
+            f"Expected shard {url!r} to hold {want} samples as its {MANIFEST} says, but only "
+            f"{counts.get(url, 0)} could be read: the shard is truncated (or was rewritten after the "
+            "manifest). Rebuild it with `python -m data_tools`."
+        )
     if pending:
         vid, clips = next(iter(pending.items()))
         raise EvaluationError(
@@ -184,21 +184,44 @@ def read_prediction(path: str, size: tuple[int, int]) -> np.ndarray | str:
     return array.astype(np.int64)
 
 
+def _resolve_num_classes(
+    given: int | None, manifest: int | None, manifests: Sequence[str], first: LabelledVideo | None
+) -> tuple[int, str]:
+    """C and where it came from: `--num_classes`, else the manifest, else the first video's metadata."""
+    where = ", ".join(manifests)
+    if given is not None:
+        if manifest is not None and given != manifest:
+            raise EvaluationError(
+                f"Expected `--num_classes` to match the shards' {MANIFEST} ({where}: {manifest}), but got "
+                f"{given}. Pass `--num_classes {manifest}` or leave it out."
+            )
+        return given, "given"
+    if manifest is not None:
+        return manifest, f"from {where}"
+    if first is not None and first.num_classes is not None:
+        return first.num_classes, f"from the metadata of {first.where}"
+    raise EvaluationError(
+        f"Expected `--num_classes` to be given, since neither a {MANIFEST} nor the metadata of the shards "
+        f"of `{GT_ARG}` record the number of classes, but got none. Pass `--num_classes C`."
+    )
+
+
 def evaluate(
     pred_dir: str,
-    gt: str,
-    num_classes: int,
+    gt: str | Sequence[str],
+    num_classes: int | None = None,
     ignore_index: int = IGNORE_INDEX,
     matching: Literal["none", "video", "dataset"] = "none",
     missing: Literal["error", "as-wrong"] = "error",
     max_pred_ids: int = 256,
 ) -> dict[str, Any]:
-    """Score `<pred_dir>/<video_id>/<frame_name>.png` against the labelled shards matching `gt`.
+    """Score `<pred_dir>/<video_id>/<frame_name>.png` against the labelled shards `gt` names.
 
     Args:
         pred_dir: directory of predictions.
-        gt: brace pattern and/or glob of WebDataset shards.
-        num_classes: C.
+        gt: the labelled WebDataset shards: a folder with the `manifest.json` of data_tools, a brace
+            pattern, a glob, a url, or a list of these (`data.shards.resolve_shards`).
+        num_classes: C; None takes the shards' `manifest.json` value, else their metadata's.
         ignore_index: the ignore label of the shards.
         matching: "none", "video" or "dataset" (Hungarian matching of predicted ids to classes).
         missing: "error" raises on a missing or wrong-size prediction; "as-wrong" counts every valid
@@ -208,18 +231,35 @@ def evaluate(
     Returns:
         The metrics of `VideoSegmentationMetrics.compute` (NaN where undefined) plus `missing`, the
         list of predictions counted as wrong (`<video_id>/<frame_name>.png`).
+
+    Raises:
+        EvaluationError: on input that cannot be scored, e.g. `gt` naming no shard, or `num_classes`
+            disagreeing with the shards (or missing where they do not record it).
     """
     if missing not in ("error", "as-wrong"):
         raise EvaluationError(f"Expected `missing` to be 'error' or 'as-wrong', but got {missing!r}.")
     if not os.path.isdir(pred_dir):
         raise EvaluationError(f"Expected `--pred` to be a directory, but got {pred_dir!r}.")
+    try:
+        urls, expected = resolve_shards(gt if isinstance(gt, str) else list(gt), GT_ARG)
+        info = dataset_info(urls, GT_ARG)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from e
+    videos = iter_labelled_videos(urls, expected)
+    first = next(videos, None)  # its metadata may be what tells C
+    num_classes, origin = _resolve_num_classes(num_classes, info.num_classes, info.manifests, first)
     metrics = VideoSegmentationMetrics(num_classes, matching, ignore_index, max_pred_ids)
     missed: list[str] = []
-    for video in iter_labelled_videos(expand_shards(gt)):
+    for video in itertools.chain([first] if first is not None else [], videos):
         if video.num_classes is not None and video.num_classes != num_classes:
+            hint = (
+                f"Pass `--num_classes {video.num_classes}`."
+                if origin == "given"
+                else "The shards disagree about their classes; rebuild them with `python -m data_tools`."
+            )
             raise EvaluationError(
-                f"Expected `--num_classes` to match the shards, but got {num_classes} while {video.where} "
-                f"records num_classes={video.num_classes}. Pass `--num_classes {video.num_classes}`."
+                f"Expected `--num_classes` to match the shards, but got {num_classes} ({origin}) while "
+                f"{video.where} records num_classes={video.num_classes}. {hint}"
             )
         if not video.frame_names:
             continue
@@ -260,8 +300,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m vss_lightning.evaluate", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--pred", required=True, help="directory of <video_id>/<frame_name>.png predictions")
-    parser.add_argument("--gt", required=True, help="brace pattern or glob of labelled WebDataset shards")
-    parser.add_argument("--num_classes", required=True, type=int, help="number of classes C")
+    parser.add_argument(
+        "--gt",
+        required=True,
+        nargs="+",
+        help="labelled WebDataset shards: a folder with manifest.json, a brace pattern, a glob, or several",
+    )
+    parser.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help="number of classes C (default: the shards' manifest.json, else their metadata)",
+    )
     parser.add_argument("--ignore_index", type=int, default=IGNORE_INDEX, help="ignore label (default 255)")
     parser.add_argument(
         "--matching",
@@ -281,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         result = evaluate(
             args.pred,
-            args.gt,
+            args.gt[0] if len(args.gt) == 1 else args.gt,
             args.num_classes,
             args.ignore_index,
             args.matching,

@@ -20,9 +20,14 @@ one, and keeps its run under `<output_dir>/wandb/` unless its `save_dir` is set 
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+import re
+import sys
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import yaml
 from jsonargparse import ActionYesNo, Namespace
@@ -42,6 +47,117 @@ DESCRIPTION = (
     "Zero-shot video semantic segmentation with a pre-trained diffusion model: label videos from "
     "WebDataset shards (predict) or score the labels against ground truth (test, validate)."
 )
+
+
+SUBCOMMAND_HELP = {
+    "predict": "Label the videos of the shards into --output_dir (resumable; no ground truth needed).",
+    "test": "Label the videos and score them against the shards' ground truth (writes metrics.json).",
+    "validate": "The same as test, logged under the val/ prefix.",
+}
+# Exit status of a job that finished but could not label some videos (listed in summary.json).
+EXIT_SOME_FAILED = 3
+# Lines of third-party libraries that are noise to our users (product tips, known deprecations).
+NOISE = ("💡 Tip:", "isinstance(treespec, LeafSpec)` is deprecated")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in NOISE)
+
+
+def silence_third_party_noise() -> None:
+    """Hide Lightning's product tips and known third-party deprecation warnings (idempotent)."""
+    names = ("lightning.pytorch", "lightning.fabric", "lightning_utilities")
+    for name in (*names, *(f"{n}.utilities.rank_zero" for n in names[:2])):  # where the tips are logged
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+        for handler in logger.handlers:
+            if not any(isinstance(f, _DropNoise) for f in handler.filters):
+                handler.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+
+
+def _option_names(parser: Any) -> set[str]:
+    """Every long option a parser (and its subcommand parsers) knows, e.g. `--model.label_mode`."""
+    names: set[str] = set()
+    for action in getattr(parser, "_actions", []):
+        names.update(o for o in action.option_strings if o.startswith("--"))
+        for sub in (
+            (getattr(action, "choices", None) or {}).values() if hasattr(action, "_name_parser_map") else []
+        ):
+            names |= _option_names(sub)
+    return names
+
+
+def _init_arg_names() -> set[str]:
+    """`--model.segmenter.init_args.<name>` options of the segmenter and its nested settings."""
+    import inspect
+
+    from vss_lightning.pipeline.modulation import ModulationSettings
+    from vss_lightning.pipeline.segmenter import VideoSegmenter
+
+    names = {f"--model.segmenter.init_args.{p}" for p in inspect.signature(VideoSegmenter).parameters}
+    names |= {
+        f"--model.segmenter.init_args.modulation.{p}"
+        for p in inspect.signature(ModulationSettings).parameters
+    }
+    return names
+
+
+def _unknown_init_arg(message: str) -> str | None:
+    """`--model.segmenter.init_args.x` from jsonargparse's `Parser key "model.segmenter": ... Option 'x'
+    is not accepted` (an unknown argument of a class given by class_path), or None."""
+    keys = re.findall(r"Parser key \"([A-Za-z0-9_.]+)\"", message)
+    option = re.search(r"Option '([A-Za-z0-9_.]+)' is not accepted", message)
+    if keys and option:
+        # the outer key is a class_path (init_args); nested settings are dataclasses (no init_args)
+        return f"--{keys[0]}.init_args." + ".".join([*keys[1:], option.group(1)])
+    return None
+
+
+def did_you_mean(message: str, known: set[str]) -> str:
+    """`Did you mean --x?` for the first unknown option or key named in a parser error, or ""."""
+    words = re.findall(r"--[A-Za-z0-9_.+-]+", message)
+    words += ["--" + k for k in re.findall(r"[Kk]ey[s]? ['\"]([A-Za-z0-9_.]+)['\"]", message)]
+    unknown = _unknown_init_arg(message)
+    words = [unknown, *words] if unknown else words
+    for word in words:
+        if word in known:
+            continue
+        close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.75)
+        if close:
+            return f" Did you mean `{close[0]}`?"
+    return ""
+
+
+class VSSArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors are one or two lines: the error, a "did you mean", and
+    where the full list of options is (instead of the whole usage text). No option abbreviations: a
+    prefix of an option is an error, never silently another option."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):  # internal parses raise
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        known = _option_names(parser) | _option_names(self)
+        if any(k.startswith("--model.") for k in known) or "model" in message:
+            known |= _init_arg_names()
+        first = " ".join(str(message).split())  # one line
+        unknown = _unknown_init_arg(first)
+        if unknown:  # jsonargparse lists every subtype's error; the one that matters is this
+            first = f"`{unknown}` is not an option (on the command line or in a config file)."
+        if len(first) > 600:
+            first = first[:600] + " ..."
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {first}{did_you_mean(message, known)}\n")
+        sys.stderr.write(f"({prog} --help lists every option.)\n")
+        self.exit(2)
 
 
 class SaveConfigToOutput(SaveConfigCallback):
@@ -71,6 +187,16 @@ class VSSLightningCLI(LightningCLI):
         # from safetensors; Lightning would unpickle a checkpoint and apply its hyperparameters.
         skip = {"model", "dataloaders", "datamodule", "ckpt_path", "weights_only"}
         return {name: set(skip) for name in SUBCOMMANDS}
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # `--help` lists each subcommand with one whole sentence of ours (Lightning's Trainer docstrings
+        # would be cut mid-sentence and speak of training).
+        for action in self.parser._actions:
+            for choice in getattr(action, "_choices_actions", []):
+                choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -111,6 +237,21 @@ class VSSLightningCLI(LightningCLI):
         config = self.config[self.subcommand]
         if not config.get("output_dir"):
             self.parser.error(f"Expected `--output_dir` to be set for `{self.subcommand}`, but got none.")
+        out = Path(str(config["output_dir"])).expanduser()
+        if out.exists() and not out.is_dir():
+            self.parser.error(
+                f"Expected `--output_dir` to be a folder, but {str(out)!r} is a file. Pass another path."
+            )
+        accelerator = str(config.get("trainer.accelerator") or "auto")
+        if accelerator in ("gpu", "cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                self.parser.error(
+                    f"Expected a CUDA GPU for `--trainer.accelerator {accelerator}` (set by the config), but "
+                    "this machine has none. Add `--trainer.accelerator cpu` (slow: the real backbone takes "
+                    "minutes per frame on a CPU) or try the tool with `--config configs/smoke.yaml`."
+                )
         if self.subcommand == "predict" and config.get("return_predictions") is None:
             config["return_predictions"] = False
         logger = config.get("trainer.logger")
@@ -155,12 +296,28 @@ def run_cli(args: list[str] | None = None, prog: str = "vss-lightning", epilog: 
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
     # Test/validate metrics are synced by torchmetrics before they are logged (rank 0 only).
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
+    silence_third_party_noise()
     return VSSLightningCLI(
         ZeroShotVSS,
         VideoShardDataModule,
         save_config_callback=SaveConfigToOutput,
         seed_everything_default=0,
         auto_configure_optimizers=False,
-        parser_kwargs={"prog": prog, "description": DESCRIPTION, "epilog": epilog},
+        parser_class=VSSArgumentParser,
+        parser_kwargs={
+            "prog": prog,
+            "description": DESCRIPTION,
+            "epilog": epilog,
+            **{name: {"description": text} for name, text in SUBCOMMAND_HELP.items()},
+        },
         args=args,
     )
+
+
+def failed_videos(cli: VSSLightningCLI) -> int:
+    """How many videos the finished job could not label (this rank's merged view; 0 if unknown)."""
+    trainer = getattr(cli, "trainer", None)
+    for callback in getattr(trainer, "callbacks", []) or []:
+        if isinstance(callback, PseudoLabelWriter):
+            return callback.failed_videos
+    return 0

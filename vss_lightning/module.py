@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,7 +70,8 @@ class ZeroShotVSS(L.LightningModule):
             paper's protocol) or "first_labelled" (the first frame with a label, e.g. the 20th frame
             of a Cityscapes snippet: the video is segmented forwards from that frame and, for the
             frames before it, backwards from it, each direction with its own context model).
-        num_classes: number of ground-truth classes; required by test/validate (metrics).
+        num_classes: number of ground-truth classes, for the metrics of test/validate; None takes the
+            datamodule's `dataset_info` (the shards' `manifest.json`), which must agree when both are set.
         matching: how predicted ids meet classes in the metrics: "auto" ("none" for first_frame_gt,
             per-"video" Hungarian matching for cluster), "none", "video" or "dataset".
         on_error: "skip" records a video that cannot be read or segmented as failed and goes on;
@@ -111,6 +113,7 @@ class ZeroShotVSS(L.LightningModule):
         self.label_mode = label_mode
         self.gt_anchor = gt_anchor
         self.num_classes = num_classes
+        self._given_num_classes = num_classes  # `num_classes` resolves against the manifest per test run
         self.matching = (
             matching if matching != "auto" else ("none" if label_mode == "first_frame_gt" else "video")
         )
@@ -122,6 +125,13 @@ class ZeroShotVSS(L.LightningModule):
         self._failed_videos: set[str] = set()  # multi-clip videos with a failed clip on this rank
         self._eval_parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._hash: str | None = None
+        self._frame_listeners: list[Callable[[str, int, int], None]] = []
+
+    def add_frame_listener(self, listener: Callable[[str, int, int], None]) -> None:
+        """Call `listener(video_id, frames_done, frames_total)` whenever a batch of a video's frames is
+        labelled (e.g. a progress bar showing progress inside long videos). Added once."""
+        if listener not in self._frame_listeners:
+            self._frame_listeners.append(listener)
 
     # -- set-up ---------------------------------------------------------------------------------
     def load(self, device: torch.device | str = "cpu") -> ZeroShotVSS:
@@ -132,16 +142,38 @@ class ZeroShotVSS(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage in ("test", "validate"):
-            if self.num_classes is None:
-                raise ValueError(
-                    f"Expected `model.num_classes` to be set for `{stage}` (the metrics need it), but got "
-                    "None. Set it in the config (e.g. 124 for VSPW) or pass --model.num_classes N."
-                )
+            self.num_classes = self._eval_num_classes(stage)
             self.metrics = VideoSegmentationMetrics(self.num_classes, matching=self.matching)
             self.failed_count = SumMetric()
             self.failed_count.update(0.0)  # a defined sum on every rank, even with no failure
         self.load(self.trainer.strategy.root_device)
         self._reset_videos()
+
+    def _eval_num_classes(self, stage: str) -> int:
+        """C for the metrics: `num_classes` as given, else the datamodule's manifest (`dataset_info`).
+
+        Raises:
+            ValueError: if neither tells C, or the given value disagrees with the manifest.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        info = getattr(datamodule, "dataset_info", None)
+        manifest = getattr(info, "num_classes", None)
+        where = ", ".join(getattr(info, "manifests", ()))
+        if self._given_num_classes is None:
+            if manifest is None:
+                raise ValueError(
+                    f"Expected `--model.num_classes` to be set for `{stage}` (the metrics need it), but got "
+                    "None and the shards' manifest.json records none. Set it in the config (e.g. 124 for "
+                    "VSPW) or pass --model.num_classes N."
+                )
+            return manifest
+        if manifest is not None and manifest != self._given_num_classes:
+            raise ValueError(
+                f"Expected `--model.num_classes` to match the shards' manifest.json ({manifest}), but got "
+                f"{self._given_num_classes}. Pass --model.num_classes {manifest}, or leave it unset to take "
+                f"it from {where}."
+            )
+        return self._given_num_classes
 
     def settings_hash(self) -> str:
         """A hash of everything that changes the labels (segmenter settings, label mode, backbone)."""
@@ -327,6 +359,7 @@ class ZeroShotVSS(L.LightningModule):
         key = seed_key(sample.meta.video_id, sample.meta.frame_offset + anchor)
         stage_seconds: dict[str, float] = {}  # filled by the segmenter, per stage
         passes = [(frames[anchor:], 1, state, key)]  # (frames, direction, state, seed key)
+        done = 0
         if anchor > 0:
             back_key = seed_key(f"{sample.meta.video_id}:backward", sample.meta.frame_offset + anchor)
             passes.append((frames[: anchor + 1].flip(0), -1, VideoState(), back_key))
@@ -343,6 +376,9 @@ class ZeroShotVSS(L.LightningModule):
                 if labels.numel() and out.dtype == torch.uint8 and int(labels.max()) > 255:
                     out = out.to(torch.int32)
                 out[indices] = labels.to(out.dtype)
+                done += len(indices)
+                for listener in self._frame_listeners:
+                    listener(sample.meta.video_id, done, t)
         return out, time.perf_counter() - t0, stage_seconds
 
     # -- evaluation -----------------------------------------------------------------------------

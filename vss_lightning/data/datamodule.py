@@ -1,11 +1,12 @@
 """Read WebDataset shards of the `format` schema: one `VideoSample` (or `FailedSample`) per step.
 
-Pipeline per DataLoader worker: the sorted shard urls, split by rank then by worker, go through
-`reader.tar_samples` (raw samples: only the schema's fields are read, their sizes checked from the tar
-headers first; nothing is ever unpickled), each mapped with `format.decode_sample`. The loader uses
-`batch_size=None` and a pass-through `collate_fn`: a step's batch is the dataclass itself. Order is
-never shuffled: within a worker, shards are read in order and samples in tar order, so the clips of a
-video (written consecutively into one shard by data_tools) arrive in order.
+Pipeline per DataLoader worker: the sorted shard urls (`shards.resolve_shards`), split by rank then
+by worker, go through `reader.tar_samples` (raw samples: only the schema's fields are read, their
+sizes checked from the tar headers first; nothing is ever unpickled), each mapped with
+`format.decode_sample`. The loader uses `batch_size=None` and a pass-through `collate_fn`: a step's
+batch is the dataclass itself. Order is never shuffled: within a worker, shards are read in order and
+samples in tar order, so the clips of a video (written consecutively into one shard by data_tools)
+arrive in order.
 
 Split strategy (every shard, hence every video, read exactly once):
     The shard urls are sorted (brace patterns, globs, lists and manifest.json all end up sorted) and
@@ -39,16 +40,12 @@ holds the `manifest.json` of data_tools, a shard that yields fewer samples than 
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlparse
 
-import braceexpand
 import lightning as L
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -63,12 +60,13 @@ from .format import (
     VideoSample,
     decode_sample,
 )
-from .reader import as_local, tar_samples
+from .reader import tar_samples
+from .shards import MANIFEST, DatasetInfo, dataset_info, resolve_shards
 
 log = logging.getLogger(__name__)
 
 PREFETCH_FACTOR = 1  # finished samples queued per worker; each holds a whole decoded clip
-MANIFEST = "manifest.json"
+SHARDS_ARG = "--data.shards"  # how the CLI names `shards`, in messages
 # What a corrupt member can raise from the decoders besides SampleError (caught in decode_sample).
 _DECODE_ERRORS = (SampleError, OSError, ValueError, EOFError, SyntaxError, KeyError, IndexError)
 
@@ -120,97 +118,6 @@ def rank_and_world_size(trainer: Any = None) -> tuple[int, int]:
             "torch.distributed process group is available. Build the dataloaders inside the Trainer."
         )
     return 0, 1
-
-
-def _is_remote(url: str) -> bool:
-    scheme = urlparse(url).scheme
-    return len(scheme) > 1 and scheme != "file"
-
-
-def _read_manifest(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, MANIFEST)
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        names = [s["name"] for s in manifest["shards"]]
-        if not all(isinstance(n, str) and n and os.path.basename(n) == n for n in names):
-            raise ValueError(f"shard names must be plain file names, got {names[:3]}")
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-        raise ValueError(
-            f"Expected {path} to be the manifest.json written by data_tools, but reading it failed with "
-            f"{type(e).__name__}: {e}. Rewrite it with `python -m data_tools ... --overwrite`."
-        ) from e
-    return manifest
-
-
-def resolve_shards(shards: str | list[str]) -> tuple[list[str], dict[str, int]]:
-    """Expand `shards` into the sorted shard urls and the sample counts the manifests list.
-
-    Args:
-        shards: a brace pattern (`out/x-{000000..000009}.tar`), a glob (`out/*.tar`), a folder holding
-            `manifest.json`, a remote url (`pipe:...`, `https://...`, taken as is), or a list of these.
-
-    Returns:
-        (sorted urls, {url: expected number of samples} for shards listed in a `manifest.json` next
-        to them).
-
-    Raises:
-        ValueError: if nothing matches, a local shard is missing, or a shard is named twice.
-    """
-    items = [shards] if isinstance(shards, str) else list(shards)
-    if not items or not all(isinstance(s, str) and s for s in items):
-        raise ValueError(
-            f"Expected `shards` to be a non-empty string or list of strings, but got {shards!r}."
-        )
-    urls: list[str] = []
-    for item in items:
-        if _is_remote(item):
-            urls.extend(braceexpand.braceexpand(item))
-            continue
-        item = os.path.expanduser(item)
-        if os.path.isdir(item):
-            if not os.path.isfile(os.path.join(item, MANIFEST)):
-                raise ValueError(
-                    f"Expected the folder {item!r} in `shards` to hold the {MANIFEST} of data_tools, but it "
-                    "has none. Pass a pattern such as 'dir/*.tar' instead."
-                )
-            urls.extend(as_local(os.path.join(item, s["name"])) for s in _read_manifest(item)["shards"])
-            continue
-        for path in braceexpand.braceexpand(item):
-            if glob.has_magic(path):
-                found = sorted(as_local(p) for p in glob.glob(path))
-                if not found:
-                    raise ValueError(
-                        f"Expected the pattern {path!r} in `shards` to match shard files, but got none."
-                    )
-                urls.extend(found)
-            else:
-                urls.append(path)
-    if not urls:
-        raise ValueError(f"Expected `shards` to name at least one shard, but {shards!r} names none.")
-    missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
-    if missing:
-        raise ValueError(
-            f"Expected every shard in `shards` to exist, but {len(missing)} do not, e.g. {missing[0]!r}. "
-            "Check the pattern (brace ranges are inclusive)."
-        )
-    if len(set(urls)) != len(urls):
-        dup = sorted({u for u in urls if urls.count(u) > 1})
-        raise ValueError(f"Expected each shard once in `shards`, but got {dup[:3]} more than once.")
-    urls.sort()
-    expected: dict[str, int] = {}
-    manifests: dict[str, dict[str, int]] = {}
-    for url in urls:
-        if _is_remote(url):
-            continue
-        folder = os.path.dirname(url) or "."
-        if folder not in manifests:
-            has = os.path.isfile(os.path.join(folder, MANIFEST))
-            shards_ = _read_manifest(folder)["shards"] if has else []
-            manifests[folder] = {s["name"]: int(s.get("clips", 0)) for s in shards_}
-        if os.path.basename(url) in manifests[folder]:
-            expected[url] = manifests[folder][os.path.basename(url)]
-    return urls, expected
 
 
 def _peek_video_id(raw: dict[str, Any]) -> str | None:
@@ -358,6 +265,8 @@ class VideoShardDataModule(L.LightningDataModule):
 
     The same dataset serves predict, test and validate. Each step's batch is a `format.VideoSample`
     (frames (T, 3, H, W) uint8, labels (T, H, W) int64 or None, meta) or a `format.FailedSample`.
+    `dataset_info` gives what the shards' `manifest.json` records (`num_classes`, `class_names`); the
+    LightningModule takes `num_classes` from it in test/validate when not given.
 
     Args:
         shards: a brace pattern (`out/x-{000000..000009}.tar`), a glob, a folder holding the
@@ -406,13 +315,24 @@ class VideoShardDataModule(L.LightningDataModule):
         self.on_error = on_error
         self._urls: list[str] | None = None
         self._expected: dict[str, int] = {}
+        self._info: DatasetInfo | None = None
 
     @property
     def urls(self) -> list[str]:
         """The sorted shard urls (resolved on first use)."""
         if self._urls is None:
-            self._urls, self._expected = resolve_shards(self.shards)
+            self._urls, self._expected = resolve_shards(self.shards, SHARDS_ARG)
         return self._urls
+
+    @property
+    def dataset_info(self) -> DatasetInfo:
+        """`num_classes` and `class_names` from the shards' `manifest.json` (None where unrecorded).
+
+        Read on first use (a few small JSON files); raises ValueError if two manifests disagree.
+        """
+        if self._info is None:
+            self._info = dataset_info(self.urls, SHARDS_ARG)
+        return self._info
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve the shard list (checks that local shards exist)."""

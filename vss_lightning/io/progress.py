@@ -1,4 +1,9 @@
-"""A progress bar that counts videos and frames (the total is unknown with WebDataset shards)."""
+"""A progress bar that counts videos and frames, with progress inside the current video.
+
+The number of videos is unknown with WebDataset shards, so the bar counts videos; its postfix shows
+the frames labelled so far, frames/s, skipped and failed videos, and the current video's frames done
+of its total with an ETA (updated after every batch of frames, so a long video never looks stuck).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,33 @@ class VideoProgressBar(TQDMProgressBar):
     def _reset_counts(self) -> None:
         self.frames = self.skipped = self.failed = 0
         self._t0 = time.perf_counter()
+        self._video: tuple[str, float] | None = None  # (id, start time) of the video in progress
+        self._bar: Any = None
+
+    def _listen(self, pl_module: L.LightningModule, bar: Any) -> None:
+        self._bar = bar
+        if hasattr(pl_module, "add_frame_listener"):
+            pl_module.add_frame_listener(self.on_frames)
+
+    def on_frames(self, video_id: str, done: int, total: int) -> None:
+        """Progress inside a video: `done` of its `total` frames are labelled."""
+        now = time.perf_counter()
+        if self._video is None or self._video[0] != video_id or done <= 0:
+            self._video = (video_id, now)
+        rate = done / max(now - self._video[1], 1e-6)
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        bar = self._bar
+        if bar is not None and not bar.disable:
+            bar.set_postfix(
+                video=video_id,
+                video_frames=f"{done}/{total}",
+                video_fps=f"{rate:.2f}",
+                video_eta=_duration(eta),
+                frames=self.frames + done,
+                skipped=self.skipped,
+                failed=self.failed,
+                refresh=True,
+            )
 
     def _postfix(self, bar: Any, outputs: Any) -> None:
         if isinstance(outputs, VideoLabels):
@@ -34,6 +66,7 @@ class VideoProgressBar(TQDMProgressBar):
             self.skipped += 1
         elif isinstance(outputs, VideoFailed):
             self.failed += 1
+        self._video = None
         elapsed = max(time.perf_counter() - self._t0, 1e-6)
         if bar is not None and not bar.disable:
             bar.set_postfix(
@@ -62,14 +95,17 @@ class VideoProgressBar(TQDMProgressBar):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_predict_start(trainer, pl_module)
         self._reset_counts()
+        self._listen(pl_module, self._predict_progress_bar)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_test_start(trainer, pl_module)
         self._reset_counts()
+        self._listen(pl_module, self._test_progress_bar)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_start(trainer, pl_module)
         self._reset_counts()
+        self._listen(pl_module, self._val_progress_bar)
 
     def on_predict_batch_end(
         self,
@@ -106,3 +142,13 @@ class VideoProgressBar(TQDMProgressBar):
     ) -> None:
         self._postfix(self._val_progress_bar, outputs)
         super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+
+def _duration(seconds: float) -> str:
+    """`1h02m`, `3m05s`, `12s` or `?`."""
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

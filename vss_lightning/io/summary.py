@@ -256,6 +256,29 @@ def merge_summaries(ranks: list[dict[str, Any]], world_size: int) -> dict[str, A
     }
 
 
+def with_earlier_runs(merged: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The `summary.json` to write: this run's merged figures at the top level, and under `runs` every
+    run's figures in `output_dir` so far, newest last (a rerun that skips finished videos must not
+    erase the figures of the run that labelled them).
+
+    Args:
+        merged: this run's `merge_summaries` result.
+        previous: the `summary.json` found in `output_dir` (None if none): its `runs` are kept, minus an
+            entry of this same run (several ranks may write the merged file); a summary written before
+            `runs` existed counts as one earlier run.
+    """
+    earlier: list[dict[str, Any]] = []
+    if previous is not None:
+        runs = previous.get("runs")
+        if isinstance(runs, list):
+            earlier = [r for r in runs if isinstance(r, dict)]
+        elif "total" in previous:
+            earlier = [previous]
+    this = {k: v for k, v in merged.items() if k != "runs"}
+    runs = [r for r in earlier if r.get("run_id") != this.get("run_id")] + [this]
+    return {**this, "runs": runs}
+
+
 def read_rank_summaries(output_dir: Path, run_id: str, world_size: int) -> list[dict[str, Any]]:
     """The rank summaries of run `run_id` present in `output_dir` (files of other runs are ignored)."""
     found = []

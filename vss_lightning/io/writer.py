@@ -63,6 +63,7 @@ from .summary import (
     merge_summaries,
     read_json,
     read_rank_summaries,
+    with_earlier_runs,
 )
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         self.rank, self.world_size = 0, 1
         self.run_id = ""
         self.summary: RankSummary | None = None
+        self.failed_videos = 0  # videos the last finished stage could not label (merged on rank 0)
         self._stale_warned: set[str] = set()
         self._stale: set[str] = set()
         self._shards: LabelShardStore | None = None
@@ -480,7 +482,9 @@ class PseudoLabelWriter(BasePredictionWriter):
             self._shards.close()
         self.summary.finish()
         self._write_rank_summary()
+        own_failed = len(self.summary.failed)
         merged = self._merge(wait=self.rank == 0)
+        self.failed_videos = int(merged["total"]["failed"]) if merged is not None else own_failed
         if self.rank == 0 and merged is not None:
             t = merged["total"]
             log.warning(
@@ -523,5 +527,7 @@ class PseudoLabelWriter(BasePredictionWriter):
                 f"No summary from ranks {merged['missing_ranks']} after {self.summary_timeout_s:.0f} s; "
                 f"{self.root / SUMMARY} is partial (the last rank to finish rewrites it)."
             )
-        atomic_write(self.root / SUMMARY, json_bytes(merged))
+        atomic_write(
+            self.root / SUMMARY, json_bytes(with_earlier_runs(merged, read_json(self.root / SUMMARY)))
+        )
         return merged

@@ -292,7 +292,8 @@ class TinyStableVideoDiffusion(VideoBackbone):
     """A tiny random-weight SVD of the same diffusers classes and layer names as the real one.
 
     Four UNet levels with two layers per block (so decoder blocks 6-8, `up_blocks.2.attentions.{0,1,2}`,
-    exist and the feature grid is 1/16 of the frame), an 8x temporal-decoder VAE and a tiny CLIP
+    exist and the feature grid is 1/16 of the frame; attention only at the 1/16 and 1/32 levels, which
+    keeps it cheap on a CPU), an 8x temporal-decoder VAE and a tiny CLIP
     vision encoder at 224 pixels (patch 14). 32 channels everywhere (diffusers' SVD blocks use 32
     norm groups). Built from `seed` in code: no download, no files.
 
@@ -325,6 +326,18 @@ class TinyStableVideoDiffusion(VideoBackbone):
                 layers_per_block=2,
                 cross_attention_dim=32,
                 num_attention_heads=(2, 2, 2, 2),
+                down_block_types=(
+                    "DownBlockSpatioTemporal",
+                    "CrossAttnDownBlockSpatioTemporal",
+                    "CrossAttnDownBlockSpatioTemporal",
+                    "DownBlockSpatioTemporal",
+                ),
+                up_block_types=(
+                    "UpBlockSpatioTemporal",
+                    "CrossAttnUpBlockSpatioTemporal",
+                    "CrossAttnUpBlockSpatioTemporal",
+                    "UpBlockSpatioTemporal",
+                ),
                 addition_time_embed_dim=8,
                 projection_class_embeddings_input_dim=24,
                 num_frames=14,

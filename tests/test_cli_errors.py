@@ -1,0 +1,141 @@
+"""A user's mistakes end in one or two lines naming the input and the fix (no traceback), exit statuses
+say what happened, and summary.json keeps every run's figures (issue 20)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from shards import CONFIGS, make_video, one_thread, predict_args, subprocess_env, video_samples, write_shard  # noqa: F401
+
+from vss_lightning import cli
+from vss_lightning.io.summary import with_earlier_runs
+
+
+def _run(capsys: pytest.CaptureFixture, args: list[str]) -> tuple[int, list[str]]:
+    """Exit status and stderr lines of `vss-lightning <args>` (in process)."""
+    code = 0
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:  # stream handlers made under an earlier test's (now closed) capture
+        for handler in getattr(logger, "handlers", []):
+            if type(handler) is logging.StreamHandler:
+                handler.stream = sys.stderr
+    try:
+        cli.main(args)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+def _short(lines: list[str]) -> str:
+    """The one `error:` line of a short message (at most one more line after it), no traceback."""
+    assert not any("Traceback" in line for line in lines), lines
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(errors) == 1 and len(lines) - errors[0] <= 2, lines
+    return lines[errors[0]]
+
+
+@pytest.fixture
+def shard(tmp_path: Path) -> str:
+    write_shard(tmp_path / "s-000000.tar", video_samples(make_video("v0", 2, size=(64, 96))))
+    return str(tmp_path / "s-000000.tar")
+
+
+@pytest.mark.parametrize(
+    ("option", "suggestion"),
+    [
+        (["--model.label_mod", "cluster"], "--model.label_mode"),  # also: no silent prefix matching
+        (["--outptu_dir", "x"], "--output_dir"),
+        (["--model.segmenter.init_args.num_cluster", "3"], "--model.segmenter.init_args.num_clusters"),
+        (["--model.segmenter.init_args.modulation.strenght", "3"],
+         "--model.segmenter.init_args.modulation.strength"),
+    ],
+)  # fmt: skip
+def test_a_misspelled_key_is_one_line_with_did_you_mean(capsys, tmp_path, option, suggestion):
+    code, lines = _run(
+        capsys, ["predict", "--config", str(CONFIGS / "smoke.yaml"), "--output_dir", str(tmp_path), *option]
+    )
+    assert code == cli.EXIT_USAGE
+    assert len(lines) == 2, lines  # the error, and where the options are listed
+    assert lines[0].startswith("error: ") and f"Did you mean `{suggestion}`?" in lines[0]
+    assert "--help lists every option" in lines[1]
+
+
+def test_a_missing_shard_path_names_it(capsys, tmp_path):
+    missing = str(tmp_path / "nope" / "*.tar")
+    code, lines = _run(capsys, predict_args(missing, tmp_path / "out"))
+    assert code == cli.EXIT_ERROR
+    error = _short(lines)
+    assert "--data.shards" in error and "nope" in error
+
+
+def test_an_output_dir_that_is_a_file_is_refused(capsys, tmp_path, shard):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    code, lines = _run(capsys, predict_args(shard, target))
+    assert code == cli.EXIT_USAGE
+    error = _short(lines)
+    assert "is a file" in error and str(target) in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_a_gpu_config_on_a_machine_without_gpu_says_how_to_go_on(capsys, tmp_path, shard):
+    code, lines = _run(capsys, ["predict", "--config", str(CONFIGS / "camvid.yaml"), "--data.shards", shard,
+                                "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    assert code == cli.EXIT_USAGE
+    error = _short(lines)
+    assert "GPU" in error and "--trainer.accelerator cpu" in error and "configs/smoke.yaml" in error
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_job_whose_videos_all_failed_exits_with_the_failure_status(capsys, tmp_path, shard, one_thread):  # noqa: F811
+    out = tmp_path / "out"
+    # first_frame_gt on shards without labels: every video fails alone, the job finishes
+    code, lines = _run(capsys, predict_args(shard, out, "--model.label_mode", "first_frame_gt"))
+    assert code == cli.EXIT_SOME_FAILED
+    assert lines[-1].startswith("error: 1 video(s) could not be labelled") and "summary.json" in lines[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["total"]["failed"] == 1 and summary["failed"][0]["video_id"] == "v0"
+    assert "ground-truth" in summary["failed"][0]["error"]
+
+
+def test_summary_json_keeps_every_run(capsys, tmp_path, shard, one_thread):  # noqa: F811
+    out = tmp_path / "out"
+    assert _run(capsys, predict_args(shard, out))[0] == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert first["total"]["frames"] == 2 and [r["run_id"] for r in first["runs"]] == [first["run_id"]]
+    assert _run(capsys, predict_args(shard, out))[0] == 0  # everything is skipped as complete
+    second = json.loads((out / "summary.json").read_text())
+    assert second["total"]["frames"] == 0 and second["total"]["skipped_videos"] == 1
+    runs = second["runs"]
+    assert [r["run_id"] for r in runs] == [first["run_id"], second["run_id"]]  # newest last
+    assert runs[0]["total"] == first["total"]  # the first run's figures are kept
+
+
+def test_earlier_runs_survive_rewrites_and_old_summaries():
+    run = {"run_id": "b", "total": {"frames": 1}}
+    legacy = {"run_id": "a", "total": {"frames": 5}}  # a summary.json from before `runs`
+    merged = with_earlier_runs(run, legacy)
+    assert [r["run_id"] for r in merged["runs"]] == ["a", "b"] and merged["total"] == {"frames": 1}
+    again = with_earlier_runs(run, merged)  # another rank writes the same run: no duplicate
+    assert [r["run_id"] for r in again["runs"]] == ["a", "b"]
+    assert with_earlier_runs(run, {"runs": "garbage"})["runs"] == [run]
+
+
+def test_help_is_short_and_runs_do_not_print_third_party_noise(tmp_path, shard):
+    """`lightning --help` shows whole subcommand descriptions; a run prints no product tips."""
+    env = subprocess_env()
+    helped = subprocess.run([sys.executable, "-m", "vss_lightning", "--help"], capture_output=True, text=True,
+                            env=env, timeout=300)  # fmt: skip
+    assert helped.returncode == 0
+    assert "Label the videos of the shards into --output_dir" in " ".join(helped.stdout.split())
+    run = subprocess.run([sys.executable, "-m", "vss_lightning", *predict_args(shard, tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Tip:" not in run.stderr + run.stdout and "deprecated" not in run.stderr + run.stdout
