@@ -13,6 +13,8 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Tests never read or fill the user's CLI help cache (test_cli_errors tests the cache in its own folder).
+os.environ["VSS_LIGHTNING_CACHE"] = "off"
 
 # The project's shared data folder (beside the checkout); VSS_SHARED_DATA points elsewhere (e.g. a GPU box).
 SHARED_DATA = Path(
@@ -20,6 +22,21 @@ SHARED_DATA = Path(
 )
 SWAN = SHARED_DATA / "swan"
 CAMVID = SHARED_DATA / "camvid" / "0006R0"
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_the_current_stderr():
+    """Point stream handlers made under an earlier test's (now closed) output capture at this test's
+    stderr. Lightning adds a `StreamHandler` at import, bound to whatever `sys.stderr` was then; in
+    one pytest process that is a capture file closed after the test that imported it."""
+    import logging
+    import sys
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if type(handler) is logging.StreamHandler and getattr(handler.stream, "closed", False):
+                handler.stream = sys.stderr
+    yield
 
 
 def _load_frames(paths: list[Path]) -> torch.Tensor:

@@ -4,7 +4,6 @@ say what happened, and summary.json keeps every run's figures (issue 20)."""
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +19,6 @@ from vss_lightning.io.summary import with_earlier_runs
 def _run(capsys: pytest.CaptureFixture, args: list[str]) -> tuple[int, list[str]]:
     """Exit status and stderr lines of `vss-lightning <args>` (in process)."""
     code = 0
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-    for logger in loggers:  # stream handlers made under an earlier test's (now closed) capture
-        for handler in getattr(logger, "handlers", []):
-            if type(handler) is logging.StreamHandler:
-                handler.stream = sys.stderr
     try:
         cli.main(args)
     except SystemExit as e:
@@ -139,3 +133,37 @@ def test_help_is_short_and_runs_do_not_print_third_party_noise(tmp_path, shard):
                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Tip:" not in run.stderr + run.stdout and "deprecated" not in run.stderr + run.stdout
+
+
+def test_help_and_print_config_answer_from_the_cache_without_torch(tmp_path):
+    """The second `--help` / `--print_config` of a command imports neither torch nor Lightning; editing
+    a config file it names renders it again."""
+    config = tmp_path / "my.yaml"
+    config.write_text((CONFIGS / "smoke.yaml").read_text())
+    env = subprocess_env(VSS_LIGHTNING_CACHE=str(tmp_path / "cache"))
+    probe = (
+        "import sys\n"
+        "from vss_lightning import cli\n"
+        "try:\n"
+        "    cli.main(sys.argv[1:])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "heavy = sorted(m for m in ('torch', 'lightning', 'diffusers') if m in sys.modules)\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+
+    def run(*args: str) -> tuple[str, str]:
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env,
+                              timeout=300, cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        text, _, heavy = done.stdout.rpartition("HEAVY=")
+        return text, heavy.strip()
+
+    for args in (["predict", "--help"], ["predict", "--config", str(config), "--print_config"]):
+        first, heavy_first = run(*args)
+        second, heavy_second = run(*args)
+        assert heavy_first and not heavy_second  # rendered once, then answered from the cache
+        assert first == second and len(first.splitlines()) > 20
+    config.write_text(config.read_text().replace("num_clusters: 4", "num_clusters: 5"))
+    third, heavy = run("predict", "--config", str(config), "--print_config")
+    assert heavy and "num_clusters: 5" in third  # a changed config is rendered again

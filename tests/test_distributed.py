@@ -114,7 +114,9 @@ def test_bad_inputs_are_reported_and_the_good_videos_finish(tmp_path):
     write_shard(folder / "d-empty.tar", [empty_sample("emptyvid")])
     write_shard(folder / "e-small.tar", video_samples(make_video("tiny", 2, size=(32, 32))))
     out = tmp_path / "out"
-    cli.main(predict_args(str(folder / "*.tar"), out, "--output_format", "shards"))
+    with pytest.raises(SystemExit) as e:  # the job finishes the good videos, then says some failed
+        cli.main(predict_args(str(folder / "*.tar"), out, "--output_format", "shards"))
+    assert e.value.code == cli.EXIT_SOME_FAILED
 
     summary = _summary(out)
     failed = {(f["video_id"], Path(f["shard"]).name) for f in summary["failed"]}

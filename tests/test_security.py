@@ -167,7 +167,9 @@ def test_hostile_shards_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cli.main(predict_args(str(shards / "s-*.tar"), out))
+        with pytest.raises(SystemExit) as e:  # hostile samples fail alone; the job finishes the rest
+            cli.main(predict_args(str(shards / "s-*.tar"), out))
+        assert e.value.code == cli.EXIT_SOME_FAILED
     finally:
         torch.set_num_threads(threads)
 

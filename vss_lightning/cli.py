@@ -12,6 +12,7 @@ handing over (and the errors below) cost no Lightning or diffusers import.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -58,15 +59,23 @@ def main(args: list[str] | None = None, prog: str = "vss-lightning") -> None:
     if argv and argv[0] == "fit":
         print(NO_FIT.format(prog=prog), file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+    from vss_lightning import help_cache
+
+    asks_help = help_cache.is_help_request(argv)
+    if asks_help:  # `--help`/`--print_config` seen before: printed without importing torch or Lightning
+        cached = help_cache.lookup(argv, prog)
+        if cached is not None:
+            sys.stdout.write(cached)
+            raise SystemExit(0)
     from vss_lightning.lightning_cli import failed_videos, run_cli
 
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = argv
     user_errors = _user_error_types()
     try:
-        cli = run_cli(
-            None if args is None else argv, prog=prog, epilog=SDK_EPILOG if prog == "lightning" else ""
-        )
+        epilog = SDK_EPILOG if prog == "lightning" else ""
+        with help_cache.recording(argv, prog) if asks_help else contextlib.nullcontext():
+            cli = run_cli(None if args is None else argv, prog=prog, epilog=epilog)
     except user_errors as e:
         if verbose:
             raise
