@@ -277,3 +277,45 @@ def test_validate_takes_num_classes_from_each_datamodule_it_runs_on(tmp_path):
         results = trainer.validate(module, datamodule=VideoShardDataModule(str(shards), num_workers=0))
         assert module.num_classes == num_classes and module.metrics.iou.num_classes == num_classes
         assert 0.0 <= results[0]["val/mIoU"] <= 1.0
+
+
+def test_frame_listeners_hear_progress_inside_a_video():
+    """A progress bar learns after every batch how many of a video's frames are labelled."""
+    from vss_lightning.io.progress import VideoProgressBar, _duration
+
+    module = ZeroShotVSS(FakeSegmenter())  # batches of 2 frames
+    events: list[tuple[str, int, int]] = []
+    other: list[int] = []
+
+    def count(video_id: str, done: int, total: int) -> None:
+        other.append(done)
+
+    module.add_frame_listener(lambda *e: events.append(e))
+    module.add_frame_listener(count)  # another listener ...
+    module.add_frame_listener(count)  # ... is added once
+    assert isinstance(module.run_sample(_sample("v", t=5)), VideoLabels)
+    assert events == [("v", 0, 5), ("v", 2, 5), ("v", 4, 5), ("v", 5, 5)]
+    assert other == [0, 2, 4, 5]
+
+    class Bar:
+        disable = False
+        postfix: dict = {}
+
+        def set_postfix(self, **kwargs):
+            self.postfix = kwargs
+
+    bar, clock = Bar(), iter([100.0, 104.0])
+    progress = VideoProgressBar()
+    progress._bar = bar
+    import vss_lightning.io.progress as progress_module
+
+    real = progress_module.time.perf_counter
+    progress_module.time.perf_counter = lambda: next(clock)
+    try:
+        progress.on_frames("v", 0, 30)  # starts at t = 100 s
+        progress.on_frames("v", 8, 30)  # 8 frames in 4 s: 2 frames/s, 22 left: 11 s
+    finally:
+        progress_module.time.perf_counter = real
+    assert bar.postfix["video_frames"] == "8/30" and bar.postfix["video_fps"] == "2.00"
+    assert bar.postfix["video_eta"] == "11s" and bar.postfix["video"] == "v"
+    assert (_duration(3725), _duration(185), _duration(float("nan"))) == ("1h02m", "3m05s", "?")

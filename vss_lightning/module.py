@@ -360,6 +360,8 @@ class ZeroShotVSS(L.LightningModule):
         stage_seconds: dict[str, float] = {}  # filled by the segmenter, per stage
         passes = [(frames[anchor:], 1, state, key)]  # (frames, direction, state, seed key)
         done = 0
+        for listener in self._frame_listeners:  # the video starts
+            listener(sample.meta.video_id, 0, t)
         if anchor > 0:
             back_key = seed_key(f"{sample.meta.video_id}:backward", sample.meta.frame_offset + anchor)
             passes.append((frames[: anchor + 1].flip(0), -1, VideoState(), back_key))

@@ -40,12 +40,13 @@ class VideoProgressBar(TQDMProgressBar):
             pl_module.add_frame_listener(self.on_frames)
 
     def on_frames(self, video_id: str, done: int, total: int) -> None:
-        """Progress inside a video: `done` of its `total` frames are labelled."""
+        """Progress inside a video: `done` of its `total` frames are labelled (0: the video starts)."""
         now = time.perf_counter()
         if self._video is None or self._video[0] != video_id or done <= 0:
             self._video = (video_id, now)
-        rate = done / max(now - self._video[1], 1e-6)
-        eta = (total - done) / rate if rate > 0 else float("inf")
+        elapsed = now - self._video[1]
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
         bar = self._bar
         if bar is not None and not bar.disable:
             bar.set_postfix(
