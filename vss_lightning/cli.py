@@ -39,7 +39,7 @@ EXIT_ERROR, EXIT_USAGE, EXIT_SOME_FAILED = 1, 2, 3
 VERBOSE_FLAG = "--verbose"
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
+def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors a user causes (bad paths, values, a missing backbone): one line, no traceback."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -71,7 +71,7 @@ def main(args: list[str] | None = None, prog: str = "vss-lightning") -> None:
 
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = argv
-    user_errors = _user_error_types()
+    user_errors = user_error_types()
     try:
         epilog = SDK_EPILOG if prog == "lightning" else ""
         with help_cache.recording(argv, prog) if asks_help else contextlib.nullcontext():

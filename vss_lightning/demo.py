@@ -96,6 +96,7 @@ def _predict(args: list[str], out: Path, smoke: bool) -> int:
 
     A backbone that cannot be found ends in its message (what is missing, how to fix it), no traceback.
     """
+    from vss_lightning.cli import user_error_types
     from vss_lightning.lightning_cli import run_cli
     from vss_lightning.pipeline.backbone import BackboneNotFoundError
 
@@ -109,7 +110,12 @@ def _predict(args: list[str], out: Path, smoke: bool) -> int:
         return _error(f"{e}{alternative}")
     except SystemExit as e:  # a bad extra argument (or --help): jsonargparse has printed why
         return e.code if isinstance(e.code, int) else 1
+    except user_error_types() as e:  # a bad path or value: the message names it and the fix
+        return _error(" ".join(str(e).split()))
     return _report(out)
+
+
+EXIT_SOME_FAILED = 3  # as `vss-lightning` (vss_lightning.cli): some videos could not be labelled
 
 
 def _report(out: Path) -> int:
@@ -123,16 +129,18 @@ def _report(out: Path) -> int:
         )
     if summary["failed"]:
         first = summary["failed"][0]
-        return _error(
+        _error(
             f"Expected every video to be labelled, but {len(summary['failed'])} failed, e.g. "
             f"{first['video_id']!r}: {first['error']}"
         )
+        return EXIT_SOME_FAILED
     print(f"labels, previews and summary.json are in {out}/")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns the exit status (0 done, 1 bad input or a failed step, 2 bad arguments)."""
+    """Run the demo; returns the exit status (0 done, 1 bad input or a failed step, 2 bad arguments,
+    3 some videos could not be labelled)."""
     p = argparse.ArgumentParser(
         prog="python -m vss_lightning.demo",
         description=__doc__,
