@@ -315,3 +315,39 @@ def test_shard_cut_between_samples_is_caught_by_the_manifest(dataset, tmp_path):
     first.write_bytes(first.read_bytes()[:cut])  # a valid, shorter tar: tar itself cannot tell
     with pytest.raises(EvaluationError, match=r"val-000000.tar' to hold \d+ samples as its manifest.json"):
         evaluate(str(pred), str(shards))
+
+
+def test_ground_truth_ids_outside_num_classes_are_an_error(tmp_path):
+    videos = make_videos()
+    write_predictions(tmp_path / "pred", videos)
+    bare = tmp_path / "bare"  # the samples record no num_classes, so `--num_classes 3` is not refused early
+    write_shards(bare, videos, meta_num_classes=None)
+    vid_a = videos[0]  # the first video with labelled frames; its GT has ids 0..3
+    frame = next(i for i in vid_a["labelled"] if (vid_a["gt"][i] == 3).any())
+    with pytest.raises(
+        EvaluationError,
+        match=rf"ground truth of frame '{frame:05d}' of video 'vid_a' \(.*val-00000[01].tar.*\) to hold "
+        r"class ids in \[0, 3\) or the ignore index 255, but got ids \[3\] with `--num_classes` 3 \(given\). "
+        r"Pass `--num_classes 4` if the dataset has that many classes, else fix the shards' labels.",
+    ):
+        evaluate(str(tmp_path / "pred"), str(bare / "*.tar"), 3)
+    assert_same(evaluate(str(tmp_path / "pred"), str(bare / "*.tar"), NUM_CLASSES), expected(videos))
+
+
+def test_cli_num_classes_below_two_and_unwritable_out(dataset, tmp_path):
+    videos, pattern, pred = dataset
+    proc = run_cli("--pred", str(pred), "--gt", pattern, "--num_classes", "1")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "error: Expected `--num_classes` to be an int >= 2 (mIoU needs at least two classes), but got 1 "
+        "(given). Pass the dataset's number of classes, e.g. `--num_classes 124`."
+    ]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "metrics.json"  # its parent is a file: cannot be created
+    proc = run_cli("--pred", str(pred), "--gt", pattern, "--num_classes", str(NUM_CLASSES), "--out", str(out))
+    assert proc.returncode == 1
+    assert_same(json.loads(proc.stdout), expected(videos))  # the metrics are shown first
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"error: Expected `--out` {str(out)!r} to be a writable file path, but writing")
+    assert line.endswith("The metrics are printed above; pass another `--out`.")

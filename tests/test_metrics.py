@@ -252,8 +252,11 @@ def test_hungarian_iou_rejects_large_ids():
 
 
 def test_constructor_errors():
-    with pytest.raises(ValueError, match="Expected `num_classes` to be a positive int"):
+    with pytest.raises(ValueError, match="Expected `num_classes` to be an int >= 2"):
         SegmentationIoU(0)
+    for metric in (SegmentationIoU, HungarianIoU, VideoSegmentationMetrics):  # 1 was a TypeError in compute
+        with pytest.raises(ValueError, match=r"Expected `num_classes` to be an int >= 2 .*but got 1\."):
+            metric(1)
     with pytest.raises(ValueError, match="Expected `ignore_index` to be an int outside"):
         SegmentationIoU(5, ignore_index=3)
     with pytest.raises(ValueError, match="Expected `matching`"):

@@ -258,14 +258,19 @@ def test_meta_json_is_bounded_and_checked() -> None:
 @pytest.mark.parametrize(
     "name",
     ["../../x", "..", ".", ".hidden", "/etc/passwd", "a/b", "a\\b", "C:evil", "a\x00b", "a\nb", "a\x1b[31m",
-     "\u202eevil", "\udc80", "", "x" * 201, "é" * 101, 5, None],
+     "\u202eevil", "\udc80", "", "x" * 201, "é" * 101, 5, None,
+     "e\u0301t\u00e9", "CON", "nul.txt", "Com1", "LPT9.tar", "aux .x", "name.", "name ", "a.preview",
+     "b.PREVIEW"],
 )  # fmt: skip
 def test_unsafe_names_are_refused(name) -> None:
     with pytest.raises(SampleError, match="Expected the video id to be"):
         validate_name(name, "video id")
 
 
-@pytest.mark.parametrize("name", ["video_01", "frame 0001", "00001", "日本の動画", "a.b", "x" * 200])
+@pytest.mark.parametrize(
+    "name", ["video_01", "frame 0001", "00001", "日本の動画", "a.b", "x" * 200, "\u00e9t\u00e9", "console",
+             "COM10", "preview", "a.previews", "a.preview.b"],
+)  # fmt: skip
 def test_safe_names_pass(name: str) -> None:
     assert validate_name(name, "frame name") == name
 

@@ -221,3 +221,91 @@ def test_atomic_write_and_json(tmp_path):
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [1.0, None]}
     assert os.listdir(tmp_path) == ["x.json"]
     assert Image.open(io.BytesIO(preview_png(np.array([[0, 300]])))).mode == "P"
+
+
+def test_ids_that_take_the_tools_names_fail_alone(tmp_path):
+    writer = _writer(tmp_path)
+    for vid in ("summary.json", "config-predict.yaml", "Metrics.JSON", "labels-rank0-000000.tar", "wandb"):
+        meta = _meta(vid, 1)
+        assert writer.is_complete(meta)  # refused: nothing is computed ...
+        writer.handle(VideoSkipped(meta, "k", "s.tar"))  # ... and the step's skip is recorded as failed
+    writer.handle(VideoLabels(_meta("metrics.json", 1), _labels(1), "k", "s.tar"))  # test/validate path
+    writer.handle(VideoLabels(_meta("ok", 1), _labels(1), "k", "s.tar"))
+    failed = writer.summary.failed
+    assert [f["video_id"] for f in failed] == [
+        "summary.json", "config-predict.yaml", "Metrics.JSON", "labels-rank0-000000.tar", "wandb",
+        "metrics.json",
+    ]  # fmt: skip
+    assert all("names the tool keeps for its own files in `output_dir`" in f["error"] for f in failed)
+    assert writer.summary.skipped_videos == 0 and writer.summary.videos == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]  # no folder took a tool's name
+    _finish(writer)
+    assert json.loads((tmp_path / SUMMARY).read_text())["total"]["failed"] == 6
+
+
+def test_a_frame_named_like_a_preview_fails_instead_of_losing_a_label(tmp_path):
+    writer = _writer(tmp_path, write_previews=True)
+    meta = VideoMeta("v", ["a", "a.preview"], [(6, 10)] * 2)
+    writer.handle(VideoLabels(meta, _labels(2), "k", "s.tar"))
+    [failed] = writer.summary.failed
+    assert "free of the suffix '.preview'" in failed["error"]
+    assert not (tmp_path / "v").exists() or not list((tmp_path / "v").iterdir())
+
+
+def test_done_records_identity_and_a_different_video_with_the_same_id_fails(tmp_path):
+    first = _meta("v", 3)
+    writer = _writer(tmp_path)
+    writer.handle(VideoLabels(first, _labels(3), "v__c0000", "one.tar"))
+    done = json.loads((tmp_path / "v" / "DONE").read_text())
+    assert done["video_id"] == "v" and done["frame_names"] == first.frame_names and done["frames"] == 3
+    assert done["sources"] == ["one.tar"] and len(done["identity"]) == 1
+    before = {p.name: p.read_bytes() for p in (tmp_path / "v").iterdir()}
+    # The same id again in this run (another shard, same frames): a reported duplicate, not a skip.
+    assert writer.is_complete(first)
+    writer.handle(VideoSkipped(first, "v__c0000", "two.tar"))
+    [dup] = writer.summary.failed
+    assert "to occur once in the shards, but 'two.tar'" in dup["error"] and "'one.tar'" in dup["error"]
+    # A rerun: the same video is skipped as complete; another video with this id fails, unwritten.
+    rerun = _writer(tmp_path)
+    assert rerun.is_complete(first)
+    rerun.handle(VideoSkipped(first, "v__c0000", "one.tar"))
+    assert rerun.summary.skipped_videos == 1 and rerun.summary.failed == []
+    other = VideoMeta("v", ["x0", "x1"], [(6, 10)] * 2)
+    again = _writer(tmp_path)
+    assert again.is_complete(other)  # refused before any computing
+    again.handle(VideoSkipped(other, "v__c0000", "three.tar"))
+    again.handle(VideoLabels(other, _labels(2), "v__c0000", "three.tar"))  # test/validate: no overwrite
+    assert [f["video_id"] for f in again.summary.failed] == ["v", "v"]
+    assert all("records another video with the id 'v' (3 frames from ['one.tar'])" in f["error"]
+               for f in again.summary.failed)  # fmt: skip
+    assert again.summary.skipped_videos == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "v").iterdir()} == before
+
+
+def test_symlinks_under_output_dir_fail_their_video_only(tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "DONE").write_text('{"settings_hash": "h1"}')
+    writer = _writer(out)
+    writer.handle(VideoLabels(_meta("dE", 2), _labels(2), "k", "s.tar"))
+    before = {p.name: p.read_bytes() for p in (out / "dE").iterdir()}
+    (out / "dD").symlink_to(out / "dE", target_is_directory=True)  # a link inside output_dir
+    (out / "dL").mkdir()
+    (out / "dL" / "DONE").symlink_to(outside / "DONE")  # DONE itself a link to outside
+    (out / "dF").write_text("a file where a video folder goes")
+    for vid in ("dD", "dL"):
+        assert writer.is_complete(_meta(vid, 2))  # never raises, never follows the link
+        writer.handle(VideoSkipped(_meta(vid, 2), "k", "s.tar"))
+    writer.handle(VideoLabels(_meta("dD", 2), _labels(2, seed=1), "k", "s.tar"))
+    writer.handle(VideoLabels(_meta("dF", 1), _labels(1), "k", "s.tar"))
+    writer.handle(VideoLabels(_meta("dG", 1), _labels(1), "k", "s.tar"))  # the job goes on
+    assert [f["video_id"] for f in writer.summary.failed] == ["dD", "dL", "dD", "dF"]
+    links = [f["error"] for f in writer.summary.failed[:3]]
+    assert all("but it is a symbolic link" in e and "links are never followed" in e for e in links)
+    assert f"symbolic link (to {str(outside / 'DONE')!r})" in links[1]
+    assert writer.summary.failed[3]["error"].endswith(
+        "to be the folder of video 'dF', but it is a file. Remove it."
+    )
+    assert {p.name: p.read_bytes() for p in (out / "dE").iterdir()} == before  # dE untouched
+    assert (out / "dG" / "DONE").exists() and writer.summary.videos == 2
+    assert (outside / "DONE").read_text() == '{"settings_hash": "h1"}'

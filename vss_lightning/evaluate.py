@@ -206,6 +206,27 @@ def _resolve_num_classes(
     )
 
 
+def _check_gt_ids(video: LabelledVideo, num_classes: int, origin: str, ignore_index: int) -> None:
+    """Refuse ground-truth ids outside `[0, num_classes)` other than `ignore_index` (never drop them).
+
+    Raises:
+        EvaluationError: naming the first such frame of `video`, the id and the fix.
+    """
+    labels = video.labels  # (T, H, W)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if not bool(bad.any()):
+        return
+    frame = int(bad.flatten(1).any(dim=1).nonzero()[0, 0])
+    ids = sorted({int(v) for v in labels[bad].unique()[:5]})
+    top = int(labels[bad].max())
+    raise EvaluationError(
+        f"Expected the ground truth of frame {video.frame_names[frame]!r} of video {video.video_id!r} "
+        f"({video.where}) to hold class ids in [0, {num_classes}) or the ignore index {ignore_index}, but "
+        f"got ids {ids} with `--num_classes` {num_classes} ({origin}). Pass `--num_classes {top + 1}` if "
+        "the dataset has that many classes, else fix the shards' labels."
+    )
+
+
 def evaluate(
     pred_dir: str,
     gt: str | Sequence[str],
@@ -233,8 +254,9 @@ def evaluate(
         list of predictions counted as wrong (`<video_id>/<frame_name>.png`).
 
     Raises:
-        EvaluationError: on input that cannot be scored, e.g. `gt` naming no shard, or `num_classes`
-            disagreeing with the shards (or missing where they do not record it).
+        EvaluationError: on input that cannot be scored, e.g. `gt` naming no shard, `num_classes`
+            below 2, disagreeing with the shards (or missing where they do not record it), or a
+            ground-truth id outside `[0, num_classes)` other than `ignore_index`.
     """
     if missing not in ("error", "as-wrong"):
         raise EvaluationError(f"Expected `missing` to be 'error' or 'as-wrong', but got {missing!r}.")
@@ -248,6 +270,11 @@ def evaluate(
     videos = iter_labelled_videos(urls, expected)
     first = next(videos, None)  # its metadata may be what tells C
     num_classes, origin = _resolve_num_classes(num_classes, info.num_classes, info.manifests, first)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise EvaluationError(
+            f"Expected `--num_classes` to be an int >= 2 (mIoU needs at least two classes), but got "
+            f"{num_classes!r} ({origin}). Pass the dataset's number of classes, e.g. `--num_classes 124`."
+        )
     metrics = VideoSegmentationMetrics(num_classes, matching, ignore_index, max_pred_ids)
     missed: list[str] = []
     for video in itertools.chain([first] if first is not None else [], videos):
@@ -263,6 +290,7 @@ def evaluate(
             )
         if not video.frame_names:
             continue
+        _check_gt_ids(video, num_classes, origin, ignore_index)
         num_frames, height, width = video.labels.shape
         preds = torch.full((num_frames, height, width), -1, dtype=torch.long)  # -1: no prediction
         for t, name in enumerate(video.frame_names):
@@ -341,11 +369,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as e:  # EvaluationError, SampleError and argument errors: a message, no traceback
         parser.exit(2, f"error: {e}\n")
     text = json.dumps({k: _json_safe(v) for k, v in result.items()}, indent=2)
+    print(text, flush=True)  # first: a failing `--out` must not lose the metrics
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            parser.exit(
+                1,
+                f"error: Expected `--out` {args.out!r} to be a writable file path, but writing it failed "
+                f"({type(e).__name__}: {e.strerror or e}). The metrics are printed above; pass another "
+                "`--out`.\n",
+            )
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ MAX_NAME_LENGTH = 200  # UTF-8 bytes of a name from the data
 # UTF-8 bytes of an output file name: a data name plus a suffix such as ".preview.png" fits, and so
 # does its temporary name `.<name>.<pid>.tmp` within the 255 bytes of common file systems.
 MAX_OUTPUT_NAME_LENGTH = 240
+WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL"] + [f"{p}{i}" for p in ("COM", "LPT") for i in "123456789¹²³"]
+)
+PREVIEW_SUFFIX = ".preview"  # `<frame>.preview.png` is the preview of `<frame>`: no frame may end so
 MAX_META_BYTES = 32 << 20  # > 100_000 frame names of 200 characters with their sizes
 MAX_CLIPS = 100_000
 FRAME_FORMATS = ("JPEG", "PNG", "WEBP")  # PIL formats tried on a frame (no EPS, ... plugin ever runs)
@@ -82,8 +86,11 @@ def field_byte_limit(name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
 def validate_name(name: Any, what: str, max_length: int = MAX_NAME_LENGTH) -> str:
     """Check that a name taken from data can be used as one path component.
 
-    Refuses separators, `.`/`..`, absolute paths, control characters, a leading dot and names longer
-    than `max_length` UTF-8 bytes.
+    Refuses separators, `.`/`..`, absolute paths, control characters, a leading dot, names longer
+    than `max_length` UTF-8 bytes, and names that are not portable or would share a path with an
+    output of another name: not NFC-normalised, a trailing dot or space, a Windows device name
+    (`CON`, `nul.txt`, `COM1`, ...), or ending in `.preview` (any case; the writer's
+    `<frame>.preview.png` previews live next to the `<frame>.png` labels).
 
     Args:
         name: the value read from the data (a video id, a frame name, ...).
@@ -109,6 +116,16 @@ def validate_name(name: Any, what: str, max_length: int = MAX_NAME_LENGTH) -> st
         problem = f"free of control characters, but got {name!r}"
     elif ":" in name and len(name) > 1 and name[1] == ":":
         problem = f"a relative name (no drive letter), but got {name!r}"
+    elif unicodedata.normalize("NFC", name) != name:  # two spellings of one name must not be two folders
+        problem = f"NFC-normalised Unicode (`unicodedata.normalize('NFC', name)`), but got {name!r}"
+    elif name.endswith((".", " ")):
+        problem = f"free of a trailing dot or space (Windows drops them), but got {name!r}"
+    elif name.split(".", 1)[0].rstrip(" ").upper() in WINDOWS_RESERVED:
+        problem = f"not a Windows device name (CON, PRN, AUX, NUL, COM1-9, LPT1-9), but got {name!r}"
+    elif name.lower().endswith(PREVIEW_SUFFIX):
+        problem = (
+            f"free of the suffix {PREVIEW_SUFFIX!r} (`<frame>.preview.png` is a preview), but got {name!r}"
+        )
     if problem:
         raise SampleError(f"Expected the {what} to be {problem}. Fix the name in the source data.")
     return name

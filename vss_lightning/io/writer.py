@@ -4,16 +4,22 @@ Output layout under `output_dir`:
 
 - `png` (default): `<video_id>/<frame_name>.png`, one single-channel label map per frame at the
   frame's size (uint8, or uint16 when an id exceeds 255), and a `DONE` file written last: JSON with
-  the frame count and the settings hash. With `write_previews`, also `<frame_name>.preview.png`
-  (the label colours blended over the frame, RGB; a palette PNG of the labels when the frames are not
-  at hand) and one overlay video per video, `preview.mp4` (PyAV) or `preview.gif` (Pillow, when
-  PyAV has no H.264/MPEG-4 encoder), closed before `DONE`; colours from `vss_lightning.viz`. A video
-  split into clips gets `clip-<k>.done` per clip, replaced by `DONE` once all its clips are there.
+  the frame count, the settings hash and the video's identity (id, source shards, frame names and
+  `clip_identity` per clip), which the completeness check compares. With `write_previews`, also
+  `<frame_name>.preview.png` (the label colours blended over the frame, RGB; a palette PNG of the
+  labels when the frames are not at hand) and one overlay video per video, `preview.mp4` (PyAV)
+  or `preview.gif` (Pillow, when PyAV has no H.264/MPEG-4 encoder), closed before `DONE`; colours
+  from `vss_lightning.viz`. A video split into clips gets `clip-<k>.done` per clip, replaced by
+  `DONE` once all its clips are there.
 - `shards`: WebDataset tars `labels-rank<r>-<n>.tar`, one sample per clip (`meta.json`, `labels.json`
   and `<i>.label.png` per frame, plus `<i>.preview.png` with `write_previews`; no overlay video),
   written per rank; a tar holds whole videos only and is renamed from `.tmp` when closed, next to an
   index `labels-rank<r>-<n>.index.json`.
 - `summary-rank<k>.json` per rank and `summary.json` (merged), `metrics.json` after test/validate.
+
+The output namespace belongs to the tool: a video id may not take one of its names
+(`check_video_id`), a frame name may not end in `.preview` (`validate_name`), and no path below
+`output_dir` is followed through a symbolic link (`_path`); each of these fails its video alone.
 
 Every file is written under a temporary name and renamed, so a killed job never leaves a label that
 looks complete; `DONE` (or a renamed tar) is the only mark of completion. A rerun asks `is_complete`
@@ -22,9 +28,12 @@ before computing a video and skips it when its output is complete with the same 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
+import stat
 import time
 import uuid
 from collections.abc import Sequence
@@ -70,6 +79,43 @@ log = logging.getLogger(__name__)
 
 DONE = "DONE"
 CLIP_DONE = "clip-{index:04d}.done"
+MAX_DONE_BYTES = 64 << 20  # a DONE lists the frame names: > 100_000 names of 200 bytes
+# The tool's own names in `output_dir` (summary.json, summary-rank<k>.json, metrics.json,
+# config-<stage>.yaml, labels-rank<r>-<n>.tar/.index.json, wandb/, ...): no video id may take them.
+RESERVED_ID_SUFFIXES = (".json", ".yaml", ".yml", ".tar", ".tmp", ".lock")
+RESERVED_IDS = frozenset({"wandb", "lightning_logs", "checkpoints"})
+
+
+def check_video_id(video_id: str) -> str:
+    """A video id that can name its folder in `output_dir` without shadowing one of the tool's files.
+
+    Returns:
+        The id unchanged.
+
+    Raises:
+        SampleError: if it is not a safe file name (`validate_name`) or takes a name the tool keeps for
+            itself: ending in one of `RESERVED_ID_SUFFIXES` or one of `RESERVED_IDS` (any case).
+    """
+    validate_name(video_id, "video id", MAX_OUTPUT_NAME_LENGTH)
+    low = video_id.lower()
+    if low in RESERVED_IDS or low.endswith(RESERVED_ID_SUFFIXES):
+        raise SampleError(
+            f"Expected the video id to be none of the names the tool keeps for its own files in "
+            f"`output_dir` (ending in {', '.join(RESERVED_ID_SUFFIXES)}; {', '.join(sorted(RESERVED_IDS))}; "
+            f"any case), but got {video_id!r}. Rename the video in the source data."
+        )
+    return video_id
+
+
+def clip_identity(meta: VideoMeta) -> str:
+    """A digest of what tells one clip of a video from another: id, clip layout, frame names and sizes.
+
+    Frame pixels are not hashed: the completeness check sees only the metadata, and decoded pixels can
+    change with the image library, which must not make a finished video look like another one.
+    """
+    record = [meta.video_id, meta.clip_index, meta.num_clips, meta.frame_offset, list(meta.frame_names),
+              [list(size) for size in meta.sizes]]  # fmt: skip
+    return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:32]
 
 
 def label_array(labels: torch.Tensor) -> np.ndarray:
@@ -171,6 +217,8 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._stale: set[str] = set()
         self._shards: LabelShardStore | None = None
         self._videos: dict[str, tuple[int, viz.VideoWriter]] = {}  # open preview videos: next clip, file
+        self._refused: dict[tuple[str, int], str] = {}  # (video, clip) refused by is_complete: the reason
+        self._seen: dict[tuple[str, int], str] = {}  # (video, clip) labelled or skipped this run: its shard
 
     # -- lifecycle --------------------------------------------------------------------------------
     @property
@@ -188,6 +236,8 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._stage = stage
         self._stale_warned.clear()
         self._stale.clear()
+        self._refused.clear()
+        self._seen.clear()
         self._shards = None
         if self.output_format == "shards":
             self._shards = LabelShardStore(
@@ -239,19 +289,33 @@ class PseudoLabelWriter(BasePredictionWriter):
 
     # -- the output index: asked by the module before it computes a sample -------------------------
     def is_complete(self, meta: VideoMeta) -> bool:
-        """Whether the whole video of `meta` is already written with this run's settings hash.
+        """Whether the sample of `meta` needs no computing: its video is complete, or it is refused.
 
-        A video written with another settings hash is not complete: it is recomputed and overwritten
-        (logged once per video; shards refuse such an `output_dir` in `setup`).
+        Complete: `<video>/DONE` exists with this run's settings hash and records this clip's identity
+        (`clip_identity`: id, clip layout, frame names and sizes). A video written with another
+        settings hash is not complete: it is recomputed and overwritten (logged once per video; shards
+        refuse such an `output_dir` in `setup`).
+
+        Refused (True as well, so nothing is computed; `handle` then records the step's `VideoSkipped`
+        as a `VideoFailed` with the reason): the id takes a name the tool keeps (`check_video_id`), a
+        path under `output_dir` on the way is a symbolic link or unreadable, or `DONE` records another
+        video with the same id. This check never raises for one video's problem.
         """
         vid = meta.video_id
         if self._shards is not None:
             return self._shards.is_complete(vid)
-        done = read_json(self._path(vid, DONE))
+        try:
+            done = self._read_done(vid)
+            if done is not None and done.get("settings_hash") == self.settings_hash:
+                self._check_identity(done, meta)
+                return True
+        except (SampleError, OSError) as e:
+            reason = str(e) if isinstance(e, SampleError) else self._os_error(vid, e)
+            log.warning(f"Video {vid!r} clip {meta.clip_index} not labelled: {reason}")
+            self._refused[(vid, meta.clip_index)] = reason
+            return True
         if done is None:
             return False
-        if done.get("settings_hash") == self.settings_hash:
-            return True
         if vid not in self._stale_warned:
             self._stale_warned.add(vid)
             self._stale.add(vid)
@@ -301,6 +365,82 @@ class PseudoLabelWriter(BasePredictionWriter):
     ) -> None:
         self.handle(outputs, batch)
 
+    def _read_done(self, vid: str) -> dict[str, Any] | None:
+        """`<vid>/DONE` as a JSON object, None if absent or not an object; never through a link.
+
+        Raises:
+            SampleError: if the id is refused (`check_video_id`) or a path on the way is a link.
+            OSError: if the file cannot be read.
+        """
+        vdir = self._path(check_video_id(vid))
+        if vdir.exists() and not vdir.is_dir():  # not a link: `_path` refused those
+            raise SampleError(
+                f"Expected {str(vdir)!r} to be the folder of video {vid!r}, but it is a file. Remove it."
+            )
+        path = self._path(vid, DONE)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_DONE_BYTES + 1)
+        try:
+            done = json.loads(data) if len(data) <= MAX_DONE_BYTES else None
+        except ValueError:  # a torn or foreign file: not complete
+            return None
+        return done if isinstance(done, dict) else None
+
+    def _check_identity(self, done: dict[str, Any], meta: VideoMeta) -> None:
+        """Refuse a `DONE` that records another video than `meta`'s (a second video with the same id).
+
+        A `DONE` without `identity` (written before identities were recorded) is taken as it is.
+        """
+        identity = done.get("identity")
+        if identity is None:
+            return
+        ok = (
+            done.get("video_id") == meta.video_id
+            and isinstance(identity, list)
+            and len(identity) == meta.num_clips
+            and identity[meta.clip_index] == clip_identity(meta)
+        )
+        if ok:
+            return
+        names = meta.frame_names
+        first_last = f"{names[0]!r}..{names[-1]!r}" if names else "none"
+        raise SampleError(
+            f"Expected {str(self._path(meta.video_id, DONE))!r} to record this video, but it records "
+            f"another video with the id {meta.video_id!r} ({done.get('frames')} frames from "
+            f"{done.get('sources')}), not clip {meta.clip_index} of {meta.num_clips} with {len(names)} "
+            f"frames {first_last}. Two different videos share this id: rename one in the source data, or "
+            f"delete {str(self._path(meta.video_id))!r} to relabel it."
+        )
+
+    def _os_error(self, vid: str, e: OSError) -> str:
+        where = e.filename if e.filename else str(self.root / vid)
+        return (
+            f"Expected to read and write the output of video {vid!r} at {str(where)!r}, but got "
+            f"{type(e).__name__}: {e.strerror or e}. Free space, fix the permissions or remove the file."
+        )
+
+    def _refusal(self, result: VideoResult) -> str | None:
+        """Why a labelled or skipped result must be recorded as failed: refused, or a duplicate id."""
+        if isinstance(result, VideoFailed):
+            return None
+        key = (result.meta.video_id, result.meta.clip_index)
+        reason = self._refused.pop(key, None)
+        if reason is not None:
+            return reason
+        first = self._seen.get(key)
+        if first is not None:
+            return (
+                f"Expected video {key[0]!r} clip {key[1]} to occur once in the shards, but {result.url!r} "
+                f"(key {result.key!r}) repeats it after {first}; the first one's labels were kept and this "
+                "one was not labelled. Rename one of the videos or remove the duplicate shard."
+            )
+        self._seen[key] = f"{result.url!r} (key {result.key!r})"
+        return None
+
     def handle(self, result: VideoResult, sample: Any = None) -> None:
         """Write one step's result (labels) and count it in the summary.
 
@@ -315,16 +455,21 @@ class PseudoLabelWriter(BasePredictionWriter):
             )
         if self.summary is None:
             self._start()
+        reason = self._refusal(result) if self.output_format == "png" else None
+        if reason is not None:
+            log.warning(f"Video {result.meta.video_id!r} ({result.url}) not written: {reason}")
+            result = VideoFailed(result.meta.video_id, result.key, result.url, reason, result.meta.clip_index)
         if isinstance(result, VideoLabels):
             try:
                 if self.output_format == "png":
                     self._write_png(result, sample)
                 else:
                     self._write_shard_sample(result, sample)
-            except (SampleError, ValueError) as e:  # unsafe names, unstorable ids, clips out of order
-                log.warning(f"Video {result.meta.video_id!r} ({result.url}) not written: {e}")
+            except (SampleError, ValueError, OSError) as e:  # unsafe names or paths, unstorable ids, disk
+                error = self._os_error(result.meta.video_id, e) if isinstance(e, OSError) else str(e)
+                log.warning(f"Video {result.meta.video_id!r} ({result.url}) not written: {error}")
                 result = VideoFailed(
-                    result.meta.video_id, result.key, result.url, str(e), result.meta.clip_index
+                    result.meta.video_id, result.key, result.url, error, result.meta.clip_index
                 )
             else:
                 if result.meta.video_id in self._stale:
@@ -333,22 +478,37 @@ class PseudoLabelWriter(BasePredictionWriter):
         self.summary.add(result)
 
     def _path(self, *parts: str) -> Path:
-        """`output_dir/<parts>` with each part a safe name and the result inside `output_dir`."""
+        """`output_dir/<parts>`, each part a safe name and none of them a symbolic link.
+
+        Every component below `output_dir` that exists is checked with `lstat` (a link is never
+        followed, not even one to a folder inside `output_dir`), so the path lies inside `output_dir`.
+
+        Raises:
+            SampleError: if a part is not a safe name or an existing component is a symbolic link.
+        """
+        path = self.root
         for part in parts:
-            validate_name(part, "output path component", MAX_OUTPUT_NAME_LENGTH)
-        path = self.root.joinpath(*parts).resolve()
-        if not path.is_relative_to(self.root):
-            raise SampleError(
-                f"Expected the output path of {'/'.join(parts)!r} to stay inside `output_dir` "
-                f"{str(self.root)!r}, but it resolves to {str(path)!r} (a symbolic link?). Remove the link "
-                "or use another output_dir."
-            )
+            path = path / validate_name(part, "output path component", MAX_OUTPUT_NAME_LENGTH)
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                break  # nothing below it exists either
+            if stat.S_ISLNK(mode):
+                raise SampleError(
+                    f"Expected {str(path)!r} to be a real file or folder inside `output_dir` "
+                    f"{str(self.root)!r}, but it is a symbolic link (to {os.readlink(path)!r}); links are "
+                    "never followed. Remove the link or use another output_dir."
+                )
         return path
 
     def _record(self, res: VideoLabels, arr: np.ndarray) -> dict[str, Any]:
         meta = res.meta
         return {
             "video_id": meta.video_id,
+            "identity": [clip_identity(meta)],  # per clip; the whole video's in DONE
+            "sources": [res.url],
+            "keys": [res.key],
+            "frame_names": list(meta.frame_names),
             "frames": res.frames,
             "clip_index": meta.clip_index,
             "num_clips": meta.num_clips,
@@ -367,7 +527,12 @@ class PseudoLabelWriter(BasePredictionWriter):
             raise ValueError(
                 f"Expected {len(meta.frame_names)} label maps for video {vid!r}, but got {arr.shape[0]}."
             )
-        vdir = self._path(vid)
+        vdir = self._path(check_video_id(vid))
+        for name in meta.frame_names:  # checked at read too; `<name>.png` and `<name>.preview.png` differ
+            validate_name(name, f"frame name of video {vid!r}")
+        previous = self._read_done(vid)
+        if previous is not None:  # recomputed (test, validate, other settings): must be the same video
+            self._check_identity(previous, meta)
         vdir.mkdir(exist_ok=True)
         done = self._path(vid, DONE)
         done.unlink(missing_ok=True)  # the video is being (re)written: it is not complete until DONE is back
@@ -387,7 +552,13 @@ class PseudoLabelWriter(BasePredictionWriter):
         atomic_write(self._path(vid, CLIP_DONE.format(index=meta.clip_index)), json_bytes(record))
         clips = [read_json(self._path(vid, CLIP_DONE.format(index=k))) for k in range(meta.num_clips)]
         if all(c is not None and c.get("settings_hash") == self.settings_hash for c in clips):
-            record.update(frames=sum(int(c["frames"]) for c in clips), clip_index=None, frame_offset=0)
+            record.update(
+                frames=sum(int(c["frames"]) for c in clips), clip_index=None, frame_offset=0,
+                identity=[(c.get("identity") or [None])[0] for c in clips],
+                sources=[(c.get("sources") or [None])[0] for c in clips],
+                keys=[(c.get("keys") or [None])[0] for c in clips],
+                frame_names=[name for c in clips for name in c.get("frame_names") or []],
+            )  # fmt: skip
             atomic_write(done, json_bytes(record))
             for k in range(meta.num_clips):
                 self._path(vid, CLIP_DONE.format(index=k)).unlink(missing_ok=True)

@@ -58,8 +58,11 @@ def _check_inputs(preds: Tensor, target: Tensor) -> None:
 
 
 def _check_num_classes(num_classes: int) -> None:
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"Expected `num_classes` to be a positive int, but got {num_classes!r}.")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(
+            f"Expected `num_classes` to be an int >= 2 (mIoU needs at least two classes), but got "
+            f"{num_classes!r}. Pass the dataset's number of classes."
+        )
 
 
 def _valid(preds: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
