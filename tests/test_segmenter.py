@@ -126,6 +126,19 @@ def test_settings_hash_ignores_speed_settings_only():
     assert VideoSegmenter(backbone=TinyStableDiffusion(seed=1)).settings() != base
 
 
+@pytest.mark.parametrize(
+    "setting", [{"resize": "bilinear"}, {"vae_encode": "sample"}, {"vae_dtype": "float32"}]
+)
+def test_reference_detail_settings_change_the_settings_hash(setting):
+    from vss_lightning.module import ZeroShotVSS
+
+    def digest(**kw) -> str:
+        return ZeroShotVSS(segmenter=VideoSegmenter(backbone=TinyStableDiffusion(), **kw)).settings_hash()
+
+    assert VideoSegmenter(backbone=TinyStableDiffusion()).resize == "bicubic"
+    assert digest(**setting) != digest()
+
+
 def test_channels_last_gives_the_same_labels(camvid_clip):
     frames, _ = camvid_clip
     kw = dict(batch_size=2, max_batch_images=64)

@@ -204,6 +204,17 @@ def test_conditioning_equals_the_diffusers_pipeline(tiny_svd):
     assert torch.allclose(sm.guidance(14), torch.linspace(1.0, 2.5, 14))
 
 
+def test_vae_sample_is_seeded_and_the_conditioning_stays_the_mode(tiny_svd):
+    sm = SVDSampler(tiny_svd, start_step=17)
+    x = _frames(2)
+    mean = sm.encode(x)
+    cond = sm.conditioning.image_latent
+    a = sm.encode(x, torch.Generator().manual_seed(3))
+    assert torch.equal(sm.conditioning.image_latent, cond)  # first-frame conditioning: the mode
+    b = sm.encode(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.allclose(a, mean, atol=1e-3)
+
+
 def test_one_cfg_step_equals_the_pipeline_loop_with_scheduler_step(tiny_svd):
     sm = SVDSampler(tiny_svd, start_step=17)
     g = torch.Generator().manual_seed(4)

@@ -169,6 +169,11 @@ class LoadedModels:
         return next(self.unet.parameters()).dtype
 
     @property
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE's dtype (the UNet's, unless the segmenter keeps the VAE in float32)."""
+        return next(self.vae.parameters()).dtype
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 

@@ -1,4 +1,4 @@
-"""Scene context model: K-Means initialisation and an autoregressive KNN memory (METHOD.md §2, §8).
+"""Scene context model: K-Means initialisation and an autoregressive KNN memory (docs/method.md §2, §8).
 
 The first batch of a video is clustered with K-Means; the first frame's points, labelled with their
 cluster id (or the majority ground-truth class of their cluster), form the memory of a KNN classifier
@@ -271,7 +271,7 @@ def _pil_nearest_indices(n_in: int, n_out: int, device: torch.device) -> Tensor:
 def first_frame_gt_labels(clusters: Tensor, gt: Tensor, ignore_index: int = 255) -> Tensor:
     """Give each cluster the majority ground-truth class of its pixels in frame 1.
 
-    `ignore_index` pixels do not vote (the reference counts them; this project does not, METHOD.md §8).
+    `ignore_index` pixels do not vote (the reference counts them; this project does not, docs/method.md §8).
     A cluster whose pixels are all `ignore_index` keeps no class. A tied vote goes to the smallest class.
 
     Args:
@@ -310,7 +310,7 @@ def _check_grid_features(features: Tensor) -> None:
 
 
 class SceneContextModel:
-    """Autoregressive KNN memory (METHOD.md §2).
+    """Autoregressive KNN memory (docs/method.md §2).
 
     The memory holds the features and labels of the last batch (frame 1 of the first batch after
     `initialise`), never more, so its size is bounded by one batch. Points labelled `ignore_index`

@@ -1,4 +1,4 @@
-"""Masked attention modulation (METHOD.md section 4): full-resolution labels from coarse masks.
+"""Masked attention modulation (docs/method.md section 4): full-resolution labels from coarse masks.
 
 For each (frame, label) with the label present in the frame's refined coarse mask and each sign
 c in {+lambda, -lambda}, a *unit* re-runs the steps of the unmodulated pass from the same noised
@@ -8,10 +8,11 @@ latent with
 - injection: every decoder attention uses the q/k the unmodulated pass computed at the same step;
 - latent blending after the blend steps: z <- U(M_l) z_mod + (1 - U(M_l)) z_orig.
 
-The final latents of the + and - units are decoded; the difference map (L2 over RGB, Gaussian blur,
-divided by its max, optional mask filter) of each label is compared per pixel and the argmax is the
-label. SD treats the frames of a batch independently, so units of different frames, labels and signs
-are batched freely (`max_batch_images`); a label absent from a frame costs nothing for that frame.
+The final latents of the + and - units are decoded and clamped to [-1, 1]; the difference map (L2
+over RGB, Gaussian blur, divided by its max, optional mask filter) of each label is resized to the
+frame's own size and compared per pixel there, and the argmax is the label (`LabelVote`). SD treats
+the frames of a batch independently, so units of different frames, labels and signs are batched
+freely (`max_batch_images`); a label absent from a frame costs nothing for that frame.
 """
 
 from __future__ import annotations
@@ -118,10 +119,68 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tens
 
 
 def difference_maps(plus: torch.Tensor, minus: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """(N, 3, H, W) decoded images of + and - units -> (N, H, W) blurred L2 difference, max-normalised."""
-    d = (plus.float() - minus.float()).pow(2).sum(1).sqrt()
+    """Blurred, max-normalised L2 difference of the decoded images of + and - units.
+
+    The decodes are clamped to the image range [-1, 1] first (as the reference clamps its decodes),
+    so that a few out-of-range pixels of a VAE decode (fp16 outliers) can neither dominate a map
+    nor, through the normalisation by its max, flatten the rest of it.
+
+    Args:
+        plus: (N, 3, H, W) decoded images of the + units.
+        minus: (N, 3, H, W) decoded images of the - units.
+        kernel_size: size of the Gaussian blur.
+        sigma: sigma of the Gaussian blur.
+
+    Returns:
+        (N, H, W) float32 maps in [0, 1].
+    """
+    diff = plus.float().clamp(-1.0, 1.0) - minus.float().clamp(-1.0, 1.0)
+    d = diff.pow(2).sum(1).sqrt()
     d = gaussian_blur(d, kernel_size, sigma)
     return d / (d.flatten(1).amax(1).view(-1, 1, 1) + 1e-5)
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) float maps -> (N, H, W), bilinear (half-pixel centres); unchanged at the same size."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+class LabelVote:
+    """Per-pixel argmax over per-label maps that arrive a few at a time, at the output size.
+
+    Each map is resized bilinearly to the output size (the frame's own resolution) before it is
+    compared, so an edge between two labels lands where their maps cross at that resolution. Only
+    the running best score and label per output pixel are kept: memory is (frames x H x W), however
+    many labels there are. A tie keeps the label added first (callers add labels in ascending order,
+    so ties go to the smaller label, as `argmax` does).
+
+    Args:
+        num_frames: frames of the batch.
+        size: (H, W) output size.
+        device: where the scores live.
+    """
+
+    def __init__(self, num_frames: int, size: tuple[int, int], device: torch.device | str) -> None:
+        self.size = (int(size[0]), int(size[1]))
+        self.scores = torch.full((num_frames, *self.size), float("-inf"), device=device)
+        self.best = torch.zeros((num_frames, *self.size), dtype=torch.long, device=device)
+
+    def add(self, frames: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add maps (frames may repeat, e.g. two labels of one frame).
+
+        Args:
+            frames: (n,) frame index of each map.
+            maps: (n, h, w) maps at any size.
+            labels: (n,) label of each map.
+        """
+        up = resize_maps(maps.to(self.scores.device, torch.float32), self.size)  # (n, H, W)
+        for i in range(up.shape[0]):
+            f = int(frames[i])
+            better = up[i] > self.scores[f]
+            self.scores[f] = torch.where(better, up[i], self.scores[f])
+            self.best[f] = torch.where(better, int(labels[i]), self.best[f])
 
 
 def _to_grid(mask: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -215,21 +274,29 @@ class MaskedModulation:
 
     # -- a whole batch ------------------------------------------------------------------------
     @torch.no_grad()
-    def labels(self, record: PassRecord, coarse: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-        """Full-resolution labels of a batch from its refined coarse masks.
+    def labels(
+        self,
+        record: PassRecord,
+        coarse: torch.Tensor,
+        image_size: tuple[int, int],
+        output_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Labels of a batch at the frames' own resolution from its refined coarse masks.
 
         Args:
             record: the unmodulated pass of the batch.
             coarse: (B, h, w) int64 refined coarse labels at the feature grid.
-            image_size: (H, W) of the resized frames (the VAE's output size).
+            image_size: (H', W') of the resized frames (the VAE's output size).
+            output_size: (H, W) of the original frames (default: `image_size`). Each label's
+                difference map (after the mask filter) is resized to it and the argmax is taken there.
 
         Returns:
             (B, H, W) int64 labels, each a label of the frame's coarse mask.
         """
+        output_size = tuple(output_size) if output_size is not None else tuple(image_size)
         if not self.s.enabled:
-            return upsample_labels(coarse, image_size)
+            return upsample_labels(coarse, output_size)
         b = coarse.shape[0]
-        dev = coarse.device
         # Units: (frame, label) pairs present in the coarse masks, in label-then-frame order.
         frame_list, label_list = [], []
         for label in coarse.unique().tolist():
@@ -241,41 +308,49 @@ class MaskedModulation:
         masks = (coarse[frames] == labels.view(-1, 1, 1)).float()
         n_units = frames.shape[0]
         per_chunk = max(1, self.sampler.max_batch_images // 4)  # 2 signs x 2 CFG branches per unit
-        h_img, w_img = image_size
-        scores = torch.full((b, h_img, w_img), float("-inf"), device=dev)
-        best = torch.zeros((b, h_img, w_img), dtype=torch.long, device=dev)
+        vote = LabelVote(b, output_size, coarse.device)
         for start in range(0, n_units, per_chunk):
             sl = slice(start, start + per_chunk)
             f, m, lab = frames[sl], masks[sl], labels[sl]
             n = f.shape[0]
             signs = torch.cat([torch.ones(n), -torch.ones(n)])
             z = self.run_units(record, torch.cat([f, f]), torch.cat([m, m]), signs)
-            img = self.sampler.decode(z)  # (2n, 3, H, W)
-            d = difference_maps(img[:n], img[n:], self.s.blur_kernel, self.s.blur_sigma).to(dev)
+            img = self.sampler.decode(z)  # (2n, 3, H', W')
+            d = difference_maps(img[:n], img[n:], self.s.blur_kernel, self.s.blur_sigma)
             if self.s.mask_filter:
-                smooth = F.interpolate(m[:, None], size=(h_img, w_img), mode="bilinear", align_corners=False)[
-                    :, 0
-                ]
-                d = d * smooth + self.s.filter_strength * d * (1 - smooth)
-            for i in range(n):  # running argmax; ties keep the smaller label (labels ascend)
-                fi = int(f[i])
-                better = d[i] > scores[fi]
-                scores[fi] = torch.where(better, d[i], scores[fi])
-                best[fi] = torch.where(better, lab[i], best[fi])
-        return best
+                d = filter_by_mask(d, m.to(d.device), self.s.filter_strength)
+            vote.add(f, d, lab)  # labels ascend: a tie keeps the smaller label
+        return vote.best
+
+
+def filter_by_mask(d: torch.Tensor, masks: torch.Tensor, strength: float) -> torch.Tensor:
+    """The mask filter: d * U(M) + s * d * (1 - U(M)), U a bilinear upsampling to the map's size.
+
+    Args:
+        d: (n, H, W) difference maps.
+        masks: (n, h, w) float 0/1 coarse masks of the maps' labels.
+        strength: s, the weight outside the mask.
+    """
+    smooth = resize_maps(masks.float(), tuple(d.shape[-2:]))
+    return d * smooth + strength * d * (1 - smooth)
 
 
 def upsample_labels(coarse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The "no modulation" baseline: bilinear upsampling of one-hot coarse masks, then argmax.
 
+    One label at a time (a running argmax, ties to the smaller label), so memory stays at a few
+    (B, H, W) maps whatever the number of labels.
+
     Args:
         coarse: (B, h, w) int64 labels.
-        size: (H, W) output size.
+        size: (H, W) output size (the frames' own resolution).
 
     Returns:
         (B, H, W) int64 labels.
     """
-    values = coarse.unique()
-    onehot = (coarse[:, None] == values.view(1, -1, 1, 1)).float()  # (B, L, h, w)
-    up = F.interpolate(onehot, size=size, mode="bilinear", align_corners=False)
-    return values[up.argmax(1)]
+    b = coarse.shape[0]
+    vote = LabelVote(b, size, coarse.device)
+    frames = torch.arange(b)
+    for label in coarse.unique().tolist():  # ascending
+        vote.add(frames, (coarse == label).float(), torch.full((b,), label))
+    return vote.best

@@ -4,7 +4,7 @@ A modulated run starts from the same noised latent as the unmodulated pass, so a
 everything the UNet computes *before* the modulated attention layer (the whole encoder, the middle
 block, the decoder blocks before it) equals what the unmodulated pass computed for that frame; q/k
 injection does not change it either (the injected q/k are the ones those layers compute). On SD
-2.1 at 832x448 this prefix is about 60% of a UNet forward (PERF-NOTES.md), a fifth of the cost of
+2.1 at 832x448 this prefix is about 60% of a UNet forward (BENCHMARKS.md), a fifth of the cost of
 every modulated run.
 
 `PrefixCache.recording()` keeps, during the unmodulated pass's first step, the outputs of the

@@ -1,4 +1,4 @@
-"""Correspondence-based refinement, CBR (METHOD.md §3, §8).
+"""Correspondence-based refinement, CBR (docs/method.md §3, §8).
 
 Every cell of a batch's first frame starts a track (track p at cell p, row-major). The track is
 chained frame by frame: its feature in frame q is matched, by cosine similarity over the whole of

@@ -1,4 +1,4 @@
-"""The orchestrator: a video in, one label map per frame out (METHOD.md sections 0-4).
+"""The orchestrator: a video in, one label map per frame out (docs/method.md sections 0-4).
 
 `VideoSegmenter` holds settings only (cheap to construct, so LightningCLI can print and parse it);
 `load(device)` builds the backbone. `iter_segment` streams a video batch by batch (B frames), each
@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from .attention import AttentionControl
 from .backbone import Backbone, LoadedBackbone, StableDiffusion
 from .context import SceneContextModel, linf_normalize, per_frame_kmeans, resize_gt_to_grid
 from .modulation import MaskedModulation, ModulationSettings
 from .refine import correspondence_refine
-from .sampler import DiffusionSampler, resize_to_multiple
+from .sampler import DiffusionSampler, ResizeMode, VaeEncode, resize_to_multiple
 
 LabelMode = Literal["cluster", "first_frame_gt"]
 PERFORMANCE_SETTINGS = frozenset(
@@ -79,9 +78,14 @@ def batch_starts(num_frames: int, batch_size: int) -> list[int]:
     return starts
 
 
-def noise_seed(seed: int, key: str, start: int) -> int:
-    """A 63-bit seed from the global seed, the video key and the batch start (rank independent)."""
-    digest = hashlib.sha256(f"{seed}\x00{key}\x00{start}".encode()).digest()
+def noise_seed(seed: int, key: str, start: int, stream: str = "") -> int:
+    """A 63-bit seed from the global seed, the video key and the batch start (rank independent).
+
+    `stream` names an independent random stream of the same batch (e.g. "vae" for the posterior
+    sample of `vae_encode="sample"`); the default "" is the noising noise.
+    """
+    text = f"{seed}\x00{key}\x00{start}" + (f"\x00{stream}" if stream else "")
+    digest = hashlib.sha256(text.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -121,6 +125,14 @@ class VideoSegmenter:
         seed: global seed (the noise of a batch is seeded from it, the video key and batch start).
         size_multiple: frames are resized so height and width are floored to multiples of this (64:
             the latent is 1/8 and the feature grid 1/16 of the frame, both integral).
+        resize: how frames are resized to those multiples: "bicubic" (antialiased, on the uint8
+            values, rounded back to uint8 as PIL's default resize, which the reference uses) or
+            "bilinear" (antialiased, on the [-1, 1] floats).
+        vae_encode: latent of a frame: the VAE posterior "mean" (deterministic) or a posterior
+            "sample" (as the reference), seeded from `seed`, the video key and the batch start.
+        vae_dtype: "auto" runs the VAE in the backbone's dtype; "float32" keeps it in float32 when
+            the backbone computes in float16/bfloat16 (more memory and time for the decodes, no fp16
+            rounding in the images the difference maps are taken from).
         ignore_index: ground-truth value that means "no class" (255).
     """
 
@@ -152,6 +164,9 @@ class VideoSegmenter:
         compile_vae_decoder: bool = False,
         seed: int = 0,
         size_multiple: int = 64,
+        resize: ResizeMode = "bicubic",
+        vae_encode: VaeEncode = "mean",
+        vae_dtype: Literal["auto", "float32"] = "auto",
         ignore_index: int = 255,
     ) -> None:
         if batch_size < 1:
@@ -193,6 +208,16 @@ class VideoSegmenter:
                 f"Expected `size_multiple` to be a positive multiple of 16, but got {size_multiple}."
             )
         self.size_multiple = size_multiple
+        for name, value, allowed in (
+            ("resize", resize, ("bicubic", "bilinear")),
+            ("vae_encode", vae_encode, ("mean", "sample")),
+            ("vae_dtype", vae_dtype, ("auto", "float32")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"Expected `{name}` to be one of {list(allowed)}, but got {value!r}.")
+        self.resize = resize
+        self.vae_encode = vae_encode
+        self.vae_dtype = vae_dtype
         self.ignore_index = ignore_index
         blocks = self.feature_blocks if aggregate_features else (single_feature_block,)
         self.feature_layers = [self.backbone.attention_layer(b, "self") for b in blocks]
@@ -206,6 +231,8 @@ class VideoSegmenter:
         """Load the backbone on `device` (the heavy part); returns self."""
         self._loaded = self.backbone.load(device)
         vae, unet = self._loaded.vae, self._loaded.unet
+        if self.vae_dtype == "float32" and self._loaded.vae_dtype != torch.float32:
+            vae.float()  # (not `.to(dtype)`, which makes diffusers log a warning)
         if self.vae_tiling and hasattr(vae, "enable_tiling"):
             vae.enable_tiling()
         if self.channels_last:  # modules with 5-D (video) weights keep their layout
@@ -345,9 +372,13 @@ class VideoSegmenter:
         for start in batch_starts(t_total, self.batch_size):
             t0 = time.perf_counter()
             end = min(start + self.batch_size, t_total)
-            x = resize_to_multiple(frames[start:end].to(dev), self.size_multiple)  # (B, 3, H', W') in [-1, 1]
+            # (B, 3, H', W') in [-1, 1]
+            x = resize_to_multiple(frames[start:end].to(dev), self.size_multiple, self.resize)
             size = tuple(x.shape[-2:])
-            z0 = sm.encode(x)
+            posterior = None
+            if self.vae_encode == "sample":
+                posterior = torch.Generator().manual_seed(noise_seed(self.seed, key, start, "vae"))
+            z0 = sm.encode(x, posterior)
             gen = torch.Generator().manual_seed(noise_seed(self.seed, key, start))
             noise = torch.randn(z0.shape, generator=gen, dtype=torch.float32)
             zt = sm.add_noise(z0.float(), noise.to(dev))
@@ -389,16 +420,16 @@ class VideoSegmenter:
             if self.context != "per_frame_kmeans":
                 ctx.update(feats, coarse)
             t0 = tick("cbr", t0)
-            full = self._modulation.labels(record, coarse, size)  # (B, H', W')
+            # (B, H, W): the argmax is taken at the frames' own size
+            full = self._modulation.labels(record, coarse, size, (h_in, w_in))
             del record
             t0 = tick("modulation", t0)
-            if size != (h_in, w_in):
-                full = F.interpolate(full[:, None].float(), size=(h_in, w_in), mode="nearest")[:, 0].long()
             new = max(emitted, start) - start
+            # the "resize" stage (kept for logs and benchmarks) is now only the copy of the labels
+            # to the CPU: the resize to the frames' size happens inside the modulation's argmax
+            labels, coarse_out = full[new:].cpu(), coarse[new:].cpu()
             tick("resize", t0)
-            yield BatchLabels(
-                indices=list(range(start + new, end)), labels=full[new:].cpu(), coarse=coarse[new:].cpu()
-            )
+            yield BatchLabels(indices=list(range(start + new, end)), labels=labels, coarse=coarse_out)
             emitted = end
         if state is not None:
             state.context = ctx.state_dict() if self.context != "per_frame_kmeans" else {}

@@ -1,4 +1,4 @@
-"""Stable Video Diffusion backbones and their sampler (METHOD.md section 6).
+"""Stable Video Diffusion backbones and their sampler (docs/method.md section 6).
 
 Backbones: the real SVD img2vid checkpoint (`StableVideoDiffusion`), a tiny random one for tests
 (`TinyStableVideoDiffusion`) and a full-size random one for benchmarks (`RandomStableVideoDiffusion`).
@@ -50,7 +50,7 @@ from .backbone import (
     seeded,
 )
 from .modulation import decoder_block_layer
-from .sampler import PassRecord, check_window, decode_in_chunks
+from .sampler import PassRecord, check_window, decode_in_chunks, encode_latents
 
 SVD_ID = "stabilityai/stable-video-diffusion-img2vid"
 
@@ -490,25 +490,23 @@ class SVDSampler:
 
     # -- VAE and conditioning ---------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents of a batch's frames; also computes the batch's conditioning from its first frame.
 
         Args:
             images: (B, 3, H, W) resized frames in [-1, 1].
+            generator: None for the posterior mean; else the posterior is sampled with it (see
+                `sampler.encode_latents`). The conditioning latent is the posterior mode either way.
 
         Returns:
-            (B, 4, H/8, W/8) scaled latents (posterior mean; float32 when the VAE encodes upcast).
-            The first frame's conditioning is kept in `self.conditioning` for the next
+            (B, 4, H/8, W/8) scaled latents (float32 when the VAE encodes upcast or a sample is
+            drawn). The first frame's conditioning is kept in `self.conditioning` for the next
             `unmodulated_pass`.
         """
-        vae = self.bb.vae
-        out = []
-        with _encoding_dtype(self.bb.vae, self.bb.dtype) as enc_dtype:
-            for chunk in images.split(self.vae_batch_images):
-                chunk = chunk.to(self.bb.device, enc_dtype)
-                out.append(vae.encode(chunk).latent_dist.mean * vae.config.scaling_factor)
+        with _encoding_dtype(self.bb.vae, self.bb.vae_dtype) as enc_dtype:
+            out = encode_latents(self.bb.vae, images, self.vae_batch_images, enc_dtype, generator)
         self.conditioning = self.condition(images[0])
-        return torch.cat(out)
+        return out
 
     @torch.no_grad()
     def condition(self, image: torch.Tensor) -> VideoConditioning:
@@ -525,7 +523,7 @@ class SVDSampler:
         embedding = bb.image_encoder(clip_in.to(bb.dtype)).image_embeds[:, None]  # (1, 1, D)
         gen = torch.Generator().manual_seed(s.noise_seed)
         noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(bb.device)
-        with _encoding_dtype(self.bb.vae, self.bb.dtype) as enc_dtype:
+        with _encoding_dtype(self.bb.vae, self.bb.vae_dtype) as enc_dtype:
             latent = self.bb.vae.encode((x + s.cond_aug * noise).to(enc_dtype)).latent_dist.mode()
         ids = torch.tensor([[s.fps_id, s.motion_bucket_id, s.cond_aug]], device=bb.device, dtype=bb.dtype)
         return VideoConditioning(embedding, latent.to(bb.dtype), ids)
@@ -543,7 +541,7 @@ class SVDSampler:
             self.vae_batch_images,
             vae.decoder,
             lambda z: vae.decode(
-                z.to(self.bb.device, self.bb.dtype) / vae.config.scaling_factor, num_frames=1
+                z.to(self.bb.device, self.bb.vae_dtype) / vae.config.scaling_factor, num_frames=1
             ).sample.float(),
         )
 

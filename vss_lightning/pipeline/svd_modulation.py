@@ -1,4 +1,4 @@
-"""Masked modulation for the SVD backbone (METHOD.md sections 4 and 6).
+"""Masked modulation for the SVD backbone (docs/method.md sections 4 and 6).
 
 The SVD UNet mixes the frames of a batch through its temporal attention, so a modulated run cannot
 treat frames independently as SD's `MaskedModulation` does: a *unit* is (label, sign) over the whole
@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionControl, installed_processors
-from .modulation import ModulationSettings, _to_grid, check_steps, difference_maps, upsample_labels
+from .modulation import (
+    LabelVote,
+    ModulationSettings,
+    _to_grid,
+    check_steps,
+    difference_maps,
+    filter_by_mask,
+    upsample_labels,
+)
 from .svd import SVDPassRecord, SVDSampler, svd_block_layer
 
 
@@ -147,20 +155,27 @@ class SVDModulation:
     # -- a whole batch ------------------------------------------------------------------------------
     @torch.no_grad()
     def labels(
-        self, record: SVDPassRecord, coarse: torch.Tensor, image_size: tuple[int, int]
+        self,
+        record: SVDPassRecord,
+        coarse: torch.Tensor,
+        image_size: tuple[int, int],
+        output_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Full-resolution labels of a batch from its refined coarse masks.
+        """Labels of a batch at the frames' own resolution from its refined coarse masks.
 
         Args:
             record: the unmodulated pass of the batch (from `SVDSampler.unmodulated_pass`).
             coarse: (B, h, w) int64 refined coarse labels at the feature grid.
-            image_size: (H, W) of the resized frames (the VAE's output size).
+            image_size: (H', W') of the resized frames (the VAE's output size).
+            output_size: (H, W) of the original frames (default: `image_size`); the argmax of the
+                difference maps is taken at this size (see `modulation.LabelVote`).
 
         Returns:
             (B, H, W) int64 labels, each a label of the frame's coarse mask.
         """
+        output_size = tuple(output_size) if output_size is not None else tuple(image_size)
         if not self.s.enabled:
-            return upsample_labels(coarse, image_size)
+            return upsample_labels(coarse, output_size)
         if getattr(record, "conditioning", None) is None:
             raise ValueError(
                 "Expected `record` to come from `SVDSampler.unmodulated_pass`, but it has no conditioning."
@@ -184,20 +199,13 @@ class SVDModulation:
                 for i in range(0, unit_masks.shape[0], per_forward)
             ]
         )  # (2L, B, 4, h8, w8)
-        h_img, w_img = image_size
-        scores = torch.full((b, h_img, w_img), float("-inf"), device=dev)
-        best = torch.zeros((b, h_img, w_img), dtype=torch.long, device=dev)
+        vote = LabelVote(b, output_size, dev)
         for i, label in enumerate(values.tolist()):  # ascending: a tie keeps the smaller label
             frames = present[i].nonzero().flatten()
             img = self.sampler.decode(torch.cat([finals[2 * i, frames], finals[2 * i + 1, frames]]))
             n = frames.numel()
-            d = difference_maps(img[:n], img[n:], self.s.blur_kernel, self.s.blur_sigma).to(dev)
+            d = difference_maps(img[:n], img[n:], self.s.blur_kernel, self.s.blur_sigma)
             if self.s.mask_filter:
-                smooth = F.interpolate(
-                    masks[i, frames][:, None], size=image_size, mode="bilinear", align_corners=False
-                )[:, 0]
-                d = d * smooth + self.s.filter_strength * d * (1 - smooth)
-            better = d > scores[frames]
-            scores[frames] = torch.where(better, d, scores[frames])
-            best[frames] = torch.where(better, torch.full_like(best[frames], label), best[frames])
-        return best
+                d = filter_by_mask(d, masks[i, frames].to(d.device), self.s.filter_strength)
+            vote.add(frames, d, torch.full((n,), label))
+        return vote.best
