@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import re
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from PIL import Image
 
 from vss_lightning.data.format import IGNORE_INDEX, VideoMeta, encode_png, encode_sample
 from vss_lightning.evaluate import EvaluationError, evaluate
+from vss_lightning.evaluate import main as evaluate_main
 from vss_lightning.metrics import VideoSegmentationMetrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,8 +134,17 @@ def assert_same(got: dict, want: dict) -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "vss_lightning.evaluate", *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    """`python -m vss_lightning.evaluate ARGS`, run in this process (a new process would spend most of
+    its time importing torch): exit status, stdout and stderr as a subprocess would give them."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            evaluate_main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                err.write(e.code)
+    return subprocess.CompletedProcess(["evaluate", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture()
