@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -464,3 +465,75 @@ def test_yaml_tags_in_configs_never_run(tmp_path: Path, capsys: pytest.CaptureFi
     assert _print_config("--config", str(config)) != 0
     assert "does not correspond to a subclass" in capsys.readouterr().err
     assert not marker.exists()
+
+
+# -- tar header limits ----------------------------------------------------------------------------------
+def _gzip_pax_bomb(path: Path, header_bytes: int) -> Path:
+    """A .tar.gz holding a PAX extended header that says `header_bytes` (zeros that follow, compressed
+    to well under 1 MiB), then an ordinary sample: `tarfile` alone would read the header whole."""
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, header_bytes
+    chunk = b"\0" * (1 << 20)
+    with gzip.GzipFile(path, "wb", compresslevel=1) as f:
+        f.write(pax.tobuf(format=tarfile.USTAR_FORMAT))
+        for _ in range(header_bytes // len(chunk)):
+            f.write(chunk)
+        for name, data in tar_members(clip_sample("after_bomb", ["f0"])):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            f.write(info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512))
+        f.write(b"\0" * 1024)
+    return path
+
+
+def test_a_400mb_pax_header_is_refused_unread_and_the_job_goes_on(tmp_path: Path) -> None:
+    """Issue #16: a gzip'd shard whose 400 MB PAX header took +1.2 GB. Refused from its size field."""
+    write_tar(tmp_path / "x-000000.tar", tar_members(clip_sample("before", ["f0"])))
+    bomb = _gzip_pax_bomb(tmp_path / "x-000001.tar.gz", 400 << 20)
+    write_tar(tmp_path / "x-000002.tar", tar_members(clip_sample("after", ["f0"])))
+    assert bomb.stat().st_size < 2 << 20
+    with _Cost() as cost:
+        got = read_all(str(tmp_path / "x-{000000..000002}.tar*"))
+    assert [type(s).__name__ for s in got] == ["VideoSample", "FailedSample", "VideoSample"]
+    assert [got[0].video_id, got[2].video_id] == ["before", "after"]
+    error = got[1].error
+    assert got[1].url.endswith("x-000001.tar.gz") and str(bomb) in error
+    assert f"PAX extended header at byte 0 says {400 << 20} bytes, over the limit of {1 << 20}" in error
+    assert "`max_header_bytes`" in error and "was not read" in error
+    assert cost.peak_mib < 16, cost.peak_mib  # the 400 MB were neither read nor decompressed
+    assert cost.seconds < 5, cost.seconds
+
+
+def test_a_gnu_long_name_over_the_limit_stops_its_shard(tmp_path: Path) -> None:
+    path = tmp_path / "x-000000.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in [*tar_members(clip_sample("first", ["f0"])), ("n" * 3000 + ".txt", b"x")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got = read_all(str(path), max_header_bytes=2048)
+    assert [type(s).__name__ for s in got] == ["VideoSample", "FailedSample"] and got[0].video_id == "first"
+    assert "GNU long-name header" in got[1].error and "3005 bytes, over the limit of 2048" in got[1].error
+    assert [s.video_id for s in read_all(str(path))] == ["first", None]  # default limit: read, then ignored
+
+
+def test_decompressed_bytes_per_shard_are_bounded_from_the_header(tmp_path: Path) -> None:
+    """A member that would take the shard past `max_shard_bytes` stops it before it is read or skipped."""
+    write_tar(
+        tmp_path / "x-000000.tar",
+        [
+            *tar_members(clip_sample("first", ["f0"])),
+            ("junk.bin", 1 << 30),
+            *tar_members(clip_sample("no", ["f0"])),
+        ],
+    )
+    write_tar(tmp_path / "x-000001.tar", tar_members(clip_sample("next", ["f0"])))
+    with _Cost() as cost:
+        got = read_all(str(tmp_path / "x-{000000..000001}.tar"), max_shard_bytes=1 << 20)
+    assert [getattr(s, "video_id", None) for s in got] == ["first", None, "next"]
+    assert isinstance(got[1], FailedSample) and "x-000000.tar" in got[1].error
+    assert "'junk.bin'" in got[1].error and f"past {1 << 20} decompressed bytes" in got[1].error
+    assert "`max_shard_bytes`" in got[1].error
+    assert cost.seconds < 5 and cost.peak_mib < 16, (cost.seconds, cost.peak_mib)
+    with pytest.raises(ValueError, match="max_header_bytes"):
+        VideoShardDataModule(str(tmp_path / "x-000000.tar"), max_header_bytes=0)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from vss_lightning.data.format import VideoMeta
+from vss_lightning.io.locks import HOST, FileLock, process_start
 from vss_lightning.io.summary import (
     SUMMARY,
     RankSummary,
@@ -309,3 +313,90 @@ def test_symlinks_under_output_dir_fail_their_video_only(tmp_path):
     assert {p.name: p.read_bytes() for p in (out / "dE").iterdir()} == before  # dE untouched
     assert (out / "dG" / "DONE").exists() and writer.summary.videos == 2
     assert (outside / "DONE").read_text() == '{"settings_hash": "h1"}'
+
+
+def _lock_record(path: Path, **record) -> None:
+    path.write_text(json.dumps({"host": HOST, "pid": 1, "started": 0.0, "token": "x", **record}))
+
+
+def test_video_lock_held_by_a_live_job_skips_the_video_and_a_stale_one_is_taken_over(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        writer = _writer(tmp_path)
+        # A live job (same host, running pid) holds "busy": not computed, not failed, not complete,
+        # and its temporary files are left alone.
+        (tmp_path / "busy").mkdir()
+        (tmp_path / "busy" / f".busy_00000.png.{live.pid}.tmp").write_bytes(b"theirs")
+        _lock_record(tmp_path / "busy.lock", pid=live.pid, proc_start=process_start(live.pid))
+        busy = _meta("busy", 2)
+        assert writer.is_complete(busy)
+        writer.handle(VideoSkipped(busy, "k", "s.tar"))
+        assert (tmp_path / "busy" / f".busy_00000.png.{live.pid}.tmp").read_bytes() == b"theirs"
+        assert not (tmp_path / "busy" / "DONE").exists()
+        assert json.loads((tmp_path / "busy.lock").read_text())["pid"] == live.pid  # untouched
+        # Stale locks: a dead pid on this host; a reused pid (another process start time); another
+        # host's lock untouched for longer than lock_timeout_s. Each is taken over and released after DONE.
+        _lock_record(tmp_path / "dead.lock", pid=dead.pid)
+        _lock_record(tmp_path / "reused.lock", pid=live.pid, proc_start="1")
+        _lock_record(tmp_path / "far.lock", host="other-host", pid=live.pid)
+        old = time.time() - 7 * 3600
+        os.utime(tmp_path / "far.lock", (old, old))
+        (tmp_path / "dead").mkdir()
+        (tmp_path / "dead" / f".dead_00000.png.{dead.pid}.tmp").write_bytes(b"left by a killed job")
+        for vid in ("dead", "reused", "far"):
+            meta = _meta(vid, 2)
+            assert not writer.is_complete(meta)
+            record = json.loads((tmp_path / f"{vid}.lock").read_text())
+            assert (record["host"], record["pid"]) == (HOST, os.getpid())
+            writer.handle(VideoLabels(meta, _labels(2), "k", "s.tar"))
+            assert (tmp_path / vid / "DONE").exists() and not (tmp_path / f"{vid}.lock").exists()
+        assert not list((tmp_path / "dead").glob("*.tmp"))  # the dead holder's leftovers are cleaned
+        # Another host's recent lock is live: skipped.
+        _lock_record(tmp_path / "near.lock", host="other-host", pid=live.pid)
+        assert writer.is_complete(_meta("near", 2))
+        writer.handle(VideoSkipped(_meta("near", 2), "k", "s.tar"))
+        _finish(writer)
+        total = json.loads((tmp_path / SUMMARY).read_text())["total"]
+        assert (
+            total["videos"],
+            total["skipped_videos"],
+            total["in_progress_elsewhere"],
+            total["failed"],
+        ) == (
+            3,
+            0,
+            2,
+            0,
+        )
+        assert sorted(p.name for p in tmp_path.glob("*.lock")) == ["busy.lock", "near.lock"]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_video_lock_is_held_across_clips_and_released_on_failure(tmp_path):
+    writer = _writer(tmp_path)
+    first, second = _meta("v", 2, clip=0, num_clips=2), _meta("v", 2, clip=1, num_clips=2, offset=2)
+    assert not writer.is_complete(first)
+    writer.handle(VideoLabels(first, _labels(2), "k0", "s.tar"))
+    other = FileLock(tmp_path / "v.lock")  # another job on this host while clip 1 is outstanding
+    assert other.acquire() == json.loads((tmp_path / "v.lock").read_text())
+    assert not writer.is_complete(second)  # still ours
+    writer.handle(VideoLabels(second, _labels(2), "k1", "s.tar"))
+    assert (tmp_path / "v" / "DONE").exists() and not (tmp_path / "v.lock").exists()
+    # A failed video releases its lock; so does the end of the stage.
+    assert not writer.is_complete(_meta("bad", 2))
+    writer.handle(VideoFailed("bad", "k", "s.tar", "broken", 0))
+    assert not writer.is_complete(_meta("open", 2, num_clips=2))
+    assert (tmp_path / "open.lock").exists()
+    _finish(writer)
+    assert not list(tmp_path.glob("*.lock"))
+    # Two lock objects of one path: exactly one holds it; release never removes another's lock.
+    a, b = FileLock(tmp_path / "x.lock"), FileLock(tmp_path / "x.lock")
+    assert a.acquire() is None and b.acquire() is not None
+    b.release()
+    assert (tmp_path / "x.lock").exists()
+    a.release()
+    assert b.acquire() is None

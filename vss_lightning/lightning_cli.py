@@ -230,6 +230,12 @@ class VSSLightningCLI(LightningCLI):
             default=100,
             help="With --output_format shards: videos per output tar.",
         )
+        parser.add_argument(
+            "--lock_timeout_s",
+            type=float,
+            default=6 * 3600.0,
+            help="With png output: a video lock of a job on another host untouched this long is stale.",
+        )
         parser.link_arguments("on_error", "data.on_error")
         parser.link_arguments("on_error", "model.on_error")
 
@@ -270,6 +276,7 @@ class VSSLightningCLI(LightningCLI):
             output_format=config["output_format"],
             write_previews=config["write_previews"],
             videos_per_shard=config["videos_per_shard"],
+            lock_timeout_s=config["lock_timeout_s"],
         )
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}

@@ -60,7 +60,7 @@ from .format import (
     VideoSample,
     decode_sample,
 )
-from .reader import tar_samples
+from .reader import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_SHARD_BYTES, TarLimitError, tar_samples
 from .shards import MANIFEST, DatasetInfo, dataset_info, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -149,11 +149,18 @@ class _Stream:
         """Error handler of `reader.tar_samples` for shard-level errors (open, tar read)."""
         url = self.opened[-1] if self.opened else "<no shard opened yet>"
         what = str(exn)
-        msg = (
-            f"Expected shard {url!r} to be a readable, complete tar file, but reading it failed with "
-            f"{type(exn).__name__}: {what}. Samples before the damage were delivered; the rest of this "
-            "shard is lost. Rebuild it with `python -m data_tools`."
-        )
+        if isinstance(exn, TarLimitError):
+            msg = (
+                f"Expected the tar headers of shard {url!r} to stay within the reader's limits, but "
+                f"{what}. Samples before it were delivered; the rest of this shard was not read. Raise "
+                "`--data.max_header_bytes` / `--data.max_shard_bytes` only if the shard is trusted."
+            )
+        else:
+            msg = (
+                f"Expected shard {url!r} to be a readable, complete tar file, but reading it failed with "
+                f"{type(exn).__name__}: {what}. Samples before the damage were delivered; the rest of "
+                "this shard is lost. Rebuild it with `python -m data_tools`."
+            )
         if self.ds.on_error == "fail":
             raise SampleError(msg) from exn
         if url not in self.broken:  # one report per shard; later errors are echoes of the first
@@ -222,6 +229,8 @@ class VideoShardDataset(IterableDataset):
         on_error: "skip" yields a `FailedSample` for a bad sample or shard, "fail" raises `SampleError`.
         expected: samples per shard url from the manifests (for truncation checks), or None.
         max_sample_pixels: largest number of pixels of one sample (frames x H x W).
+        max_header_bytes: largest PAX or GNU long-name tar header (`reader.GuardedTarInfo`).
+        max_shard_bytes: largest decompressed tar stream of one shard.
     """
 
     def __init__(
@@ -234,6 +243,8 @@ class VideoShardDataset(IterableDataset):
         on_error: Literal["skip", "fail"] = "skip",
         expected: dict[str, int] | None = None,
         max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -246,13 +257,17 @@ class VideoShardDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.max_pixels, self.max_frames, self.on_error = max_pixels, max_frames, on_error
         self.max_sample_pixels = max_sample_pixels
+        self.max_header_bytes, self.max_shard_bytes = max_header_bytes, max_shard_bytes
         self.expected = dict(expected or {})
 
     def __iter__(self) -> Iterator[VideoSample | FailedSample]:
         stream = _Stream(self)
         urls = ({"url": url} for url in self.urls)
         mine = stream.worker_split(split_by_rank(urls, self.rank, self.world_size))
-        raw = tar_samples(mine, stream.handle, self.max_pixels, self.max_frames, self.max_sample_pixels)
+        raw = tar_samples(
+            mine, stream.handle, self.max_pixels, self.max_frames, self.max_sample_pixels,
+            self.max_header_bytes, self.max_shard_bytes,
+        )  # fmt: skip
         return stream.run(raw)
 
 
@@ -279,6 +294,11 @@ class VideoShardDataModule(L.LightningDataModule):
         max_sample_pixels: largest number of pixels of one sample (frames x H x W), checked from its
             metadata before decoding; bounds a sample's memory. Larger samples fail; split long videos
             into clips with `python -m data_tools ... --max-frames-per-clip N`.
+        max_header_bytes: largest PAX or GNU long-name tar header (default 1 MiB); a larger one stops
+            its shard (reported in `summary.json`) before it is read.
+        max_shard_bytes: largest decompressed tar stream of one shard (default 64 GiB), checked from
+            each member's header before it is read or skipped; reading is streamed, so memory does not
+            grow with it. A shard past it stops there (reported); its earlier samples are delivered.
     """
 
     def __init__(
@@ -289,6 +309,8 @@ class VideoShardDataModule(L.LightningDataModule):
         max_frames: int = DEFAULT_MAX_FRAMES,
         on_error: Literal["skip", "fail"] = "skip",
         max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     ) -> None:
         super().__init__()
         if isinstance(shards, str):
@@ -302,7 +324,9 @@ class VideoShardDataModule(L.LightningDataModule):
                 f"Expected `shards` to be a non-empty string or list of strings, but got {shards!r}."
             )
         limits = (("num_workers", num_workers, 0), ("max_pixels", max_pixels, 1),
-                  ("max_frames", max_frames, 1), ("max_sample_pixels", max_sample_pixels, 1))  # fmt: skip
+                  ("max_frames", max_frames, 1), ("max_sample_pixels", max_sample_pixels, 1),
+                  ("max_header_bytes", max_header_bytes, 512),
+                  ("max_shard_bytes", max_shard_bytes, 1024))  # fmt: skip
         for name, value, low in limits:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"Expected `{name}` to be an integer >= {low}, but got {value!r}.")
@@ -312,6 +336,7 @@ class VideoShardDataModule(L.LightningDataModule):
         self.shards = shards if isinstance(shards, str) else list(shards)
         self.num_workers, self.max_pixels, self.max_frames = num_workers, max_pixels, max_frames
         self.max_sample_pixels = max_sample_pixels
+        self.max_header_bytes, self.max_shard_bytes = max_header_bytes, max_shard_bytes
         self.on_error = on_error
         self._urls: list[str] | None = None
         self._expected: dict[str, int] = {}
@@ -343,7 +368,7 @@ class VideoShardDataModule(L.LightningDataModule):
         rank, world_size = rank_and_world_size(self.trainer)
         return VideoShardDataset(
             self.urls, rank, world_size, self.max_pixels, self.max_frames, self.on_error, self._expected,
-            self.max_sample_pixels,
+            self.max_sample_pixels, self.max_header_bytes, self.max_shard_bytes,
         )  # fmt: skip
 
     def _loader(self) -> DataLoader:

@@ -12,6 +12,12 @@ tar header, and a member is read only when it is a schema field (`format.is_sche
   that repeats, or one that would take the sample past `max_sample_bytes` (tar blocks counted) is
   skipped unread and stored as `format.Refused`, which fails its sample in `decode_sample`.
 
+Tar headers are bounded too (`GuardedTarInfo`), before anything they announce is read: a PAX or
+GNU long-name header larger than `max_header_bytes` (`tarfile` reads those whole into memory), and a
+member that would take the shard's decompressed stream past `max_shard_bytes`, stop the shard with
+`TarLimitError` (handed to `handler`, the samples before it delivered). The stream is decompressed
+and skipped in fixed-size blocks, so memory stays bounded whatever a compressed shard expands to.
+
 Members are grouped into samples by the part of their name before the first dot of the base name,
 as WebDataset does (`base_plus_ext`), in tar order. A shard that cannot be opened or read on to its
 end is handed to `handler` (as WebDataset handlers are: return True to go on with the next shard);
@@ -40,6 +46,53 @@ from .format import (
 )
 
 _BLOCK = tarfile.BLOCKSIZE
+DEFAULT_MAX_HEADER_BYTES = 1 << 20  # one PAX / GNU long-name header (a path is at most a few KiB)
+DEFAULT_MAX_SHARD_BYTES = 64 << 30  # decompressed bytes of one shard (streamed: not held in memory)
+
+
+class TarLimitError(ValueError):
+    """A tar header breaks a limit of `tar_samples`; the rest of the shard is not read."""
+
+
+class GuardedTarInfo(tarfile.TarInfo):
+    """A `TarInfo` that refuses, from the header alone, a PAX or GNU long-name header larger than
+    `max_header_bytes` and any header or member that ends past `max_shard_bytes` of the stream.
+
+    `tar_samples` makes a subclass with the limits set (`tarfile.open(..., tarinfo=cls)`).
+    """
+
+    max_header_bytes = DEFAULT_MAX_HEADER_BYTES
+    max_shard_bytes = DEFAULT_MAX_SHARD_BYTES
+
+    def _check_header(self, tar: tarfile.TarFile, what: str) -> None:
+        if self.size > self.max_header_bytes:
+            raise TarLimitError(
+                f"its {what} header at byte {self.offset} says {self.size} bytes, over the limit of "
+                f"{self.max_header_bytes} bytes (`max_header_bytes`); it was not read"
+            )
+        if tar.offset + _BLOCK + self.size > self.max_shard_bytes:
+            raise TarLimitError(
+                f"its {what} header at byte {self.offset} ends past {self.max_shard_bytes} decompressed "
+                "bytes, the limit per shard (`max_shard_bytes`); it was not read"
+            )
+
+    def _proc_gnulong(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_header(tar, "GNU long-name")
+        return super()._proc_gnulong(tar)
+
+    def _proc_pax(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_header(tar, "PAX extended")
+        return super()._proc_pax(tar)
+
+
+def _guarded(max_header_bytes: int, max_shard_bytes: int) -> type[GuardedTarInfo]:
+    return type(
+        "ShardTarInfo",
+        (GuardedTarInfo,),
+        {"max_header_bytes": max_header_bytes, "max_shard_bytes": max_shard_bytes},
+    )
+
+
 BYTES_PER_SAMPLE_PIXEL = 4  # encoded frame + label bytes allowed per pixel of `max_sample_pixels`
 
 
@@ -65,6 +118,8 @@ def tar_samples(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_frames: int = DEFAULT_MAX_FRAMES,
     max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Iterator[dict[str, Any]]:
     """Open each shard and yield its samples: `{"__key__", "__url__", "__ignored__", field: bytes, ...}`.
 
@@ -75,17 +130,27 @@ def tar_samples(
         max_pixels: largest frame (H * W); bounds each image member's bytes (`field_byte_limit`).
         max_frames: a sample keeps at most `2 * max_frames + 1` schema fields (frames, labels, meta).
         max_sample_pixels: bounds the bytes of one sample (`sample_byte_limit`).
+        max_header_bytes: largest PAX or GNU long-name header (`GuardedTarInfo`).
+        max_shard_bytes: largest decompressed tar stream of one shard, checked from each header
+            before its member is read or skipped.
     """
     max_fields = 2 * max_frames + 1
     max_bytes = sample_byte_limit(max_sample_pixels)
+    info_class = _guarded(max_header_bytes, max_shard_bytes)
     for item in src:
         url = item["url"] if isinstance(item, dict) else str(item)
         sample: dict[str, Any] | None = None
         try:
-            with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=info_class) as tar:
                 nbytes = 0
                 for info in tar:
                     tar.members = []  # stream mode keeps every header otherwise
+                    if info.offset_data + info.size > max_shard_bytes:  # before it is read or skipped
+                        raise TarLimitError(
+                            f"member {info.name[:200]!r} at byte {info.offset} ends at byte "
+                            f"{info.offset_data + info.size}, past {max_shard_bytes} decompressed bytes, the "
+                            "limit per shard (`max_shard_bytes`); it was not read"
+                        )
                     key, field = base_plus_ext(info.name) if info.isreg() else (None, None)
                     if key is None:
                         continue

@@ -119,6 +119,8 @@ class RankSummary:
         retried_oom: samples that needed the halved memory budget.
         ignored_fields: shard members outside the sample schema (pickles, ...), never read; counted
             over written and skipped samples.
+        in_progress_elsewhere: videos not computed because another live job (sharing `output_dir`)
+            held their lock; neither complete nor failed here (that job writes them).
         failed: one record per failed sample (video id, key, shard, clip, error).
         seconds: wall-clock seconds from the start of the loop to the end.
         frames_per_second: `frames / seconds` (computed frames only).
@@ -139,6 +141,7 @@ class RankSummary:
     recomputed: int = 0
     retried_oom: int = 0
     ignored_fields: int = 0
+    in_progress_elsewhere: int = 0
     failed: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     frames_per_second: float = 0.0
@@ -149,6 +152,13 @@ class RankSummary:
         self._start = time.perf_counter()
         self._written: set[str] = set()
         self._skipped: set[str] = set()
+        self._elsewhere: set[str] = set()
+
+    def add_elsewhere(self, video_id: str) -> None:
+        """Count a video that another job is labelling (once per video)."""
+        if video_id not in self._elsewhere:
+            self._elsewhere.add(video_id)
+            self.in_progress_elsewhere += 1
 
     def add(self, result: VideoResult) -> None:
         """Count one result."""
@@ -233,7 +243,7 @@ def merge_summaries(ranks: list[dict[str, Any]], world_size: int) -> dict[str, A
     """
     ranks = sorted(ranks, key=lambda r: r["rank"])
     keys = ("videos", "clips", "frames", "skipped_videos", "skipped_frames", "recomputed", "retried_oom",
-            "ignored_fields")  # fmt: skip
+            "ignored_fields", "in_progress_elsewhere")  # fmt: skip
     total: dict[str, Any] = {k: sum(int(r.get(k, 0)) for r in ranks) for k in keys}
     total["failed"] = sum(len(r["failed"]) for r in ranks)
     total["seconds"] = max((float(r["seconds"]) for r in ranks), default=0.0)

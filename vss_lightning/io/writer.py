@@ -24,6 +24,13 @@ The output namespace belongs to the tool: a video id may not take one of its nam
 Every file is written under a temporary name and renamed, so a killed job never leaves a label that
 looks complete; `DONE` (or a renamed tar) is the only mark of completion. A rerun asks `is_complete`
 before computing a video and skips it when its output is complete with the same settings hash.
+
+Several jobs may share one png `output_dir`: before computing a video, `is_complete` takes the
+video's lock `<video_id>.lock` beside its folder (`locks.FileLock`; ids ending in `.lock` are
+reserved, so no video folder takes that name). A video whose lock a live job holds is not computed
+here (counted as `in_progress_elsewhere` in the summary, neither failed nor complete); a stale lock
+(its job is gone) is taken over. The lock is released once `DONE` is written, or when the video fails,
+so only its holder ever writes or cleans up temporary files in the video's folder.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from vss_lightning.data.format import (
 )
 
 from .label_shards import LabelShardStore
+from .locks import FileLock, describe
 from .summary import (
     SUMMARY,
     SUMMARY_RANK,
@@ -180,6 +188,9 @@ class PseudoLabelWriter(BasePredictionWriter):
         shard_max_bytes: with "shards", close a tar once it holds this many bytes of labels.
         summary_timeout_s: how long rank 0 waits at the end for the other ranks' summaries before it
             writes a partial `summary.json` (the last rank to finish writes the full one anyway).
+        lock_timeout_s: with "png", a video lock of a job on another host that was not touched for
+            this long is taken over as stale (on this host a lock is stale as soon as its process is
+            gone). Set it above the longest time one clip takes.
     """
 
     def __init__(
@@ -190,6 +201,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         videos_per_shard: int = 100,
         shard_max_bytes: int = 1 << 30,
         summary_timeout_s: float = 600.0,
+        lock_timeout_s: float = 6 * 3600.0,
     ) -> None:
         super().__init__(write_interval="batch")
         if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
@@ -207,6 +219,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         self.videos_per_shard = videos_per_shard
         self.shard_max_bytes = shard_max_bytes
         self.summary_timeout_s = summary_timeout_s
+        self.lock_timeout_s = lock_timeout_s
         self.root = Path(self.output_dir).expanduser().resolve()
         self.info: dict[str, Any] = {"settings_hash": ""}
         self.rank, self.world_size = 0, 1
@@ -219,6 +232,8 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._videos: dict[str, tuple[int, viz.VideoWriter]] = {}  # open preview videos: next clip, file
         self._refused: dict[tuple[str, int], str] = {}  # (video, clip) refused by is_complete: the reason
         self._seen: dict[tuple[str, int], str] = {}  # (video, clip) labelled or skipped this run: its shard
+        self._locks: dict[str, FileLock] = {}  # videos this job holds the lock of
+        self._busy: dict[tuple[str, int], str] = {}  # (video, clip) locked by another live job: its holder
 
     # -- lifecycle --------------------------------------------------------------------------------
     @property
@@ -238,6 +253,8 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._stale.clear()
         self._refused.clear()
         self._seen.clear()
+        self._release_all()
+        self._busy.clear()
         self._shards = None
         if self.output_format == "shards":
             self._shards = LabelShardStore(
@@ -275,8 +292,9 @@ class PseudoLabelWriter(BasePredictionWriter):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        """Close the open tar (it holds whole videos only) and record this rank's counts."""
+        """Close the open tar (it holds whole videos only), release the video locks, record the counts."""
         self._abort_preview_videos()
+        self._release_all()
         if self.summary is None:
             return
         if self._shards is not None:
@@ -300,19 +318,35 @@ class PseudoLabelWriter(BasePredictionWriter):
         as a `VideoFailed` with the reason): the id takes a name the tool keeps (`check_video_id`), a
         path under `output_dir` on the way is a symbolic link or unreadable, or `DONE` records another
         video with the same id. This check never raises for one video's problem.
+
+        In progress elsewhere (True, nothing computed; `handle` counts the step's `VideoSkipped` as
+        `in_progress_elsewhere`): another live job holds the video's lock. Otherwise (False) this job
+        holds the video's lock from here until `DONE` is written or the video fails.
         """
         vid = meta.video_id
         if self._shards is not None:
             return self._shards.is_complete(vid)
         try:
             done = self._read_done(vid)
-            if done is not None and done.get("settings_hash") == self.settings_hash:
-                self._check_identity(done, meta)
+            if self._done_here(done, meta):
                 return True
+            if vid not in self._locks:
+                holder = self._lock(vid)
+                if holder is not None:
+                    self._busy[(vid, meta.clip_index)] = holder
+                    log.warning(
+                        f"Video {vid!r} clip {meta.clip_index} skipped: in progress elsewhere ({holder})."
+                    )
+                    return True
+                done = self._read_done(vid)  # another job may have finished it before we took the lock
+                if self._done_here(done, meta):
+                    self._unlock(vid)
+                    return True
         except (SampleError, OSError) as e:
             reason = str(e) if isinstance(e, SampleError) else self._os_error(vid, e)
             log.warning(f"Video {vid!r} clip {meta.clip_index} not labelled: {reason}")
             self._refused[(vid, meta.clip_index)] = reason
+            self._unlock(vid)
             return True
         if done is None:
             return False
@@ -364,6 +398,43 @@ class PseudoLabelWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         self.handle(outputs, batch)
+
+    def _done_here(self, done: dict[str, Any] | None, meta: VideoMeta) -> bool:
+        """Whether `done` marks `meta`'s video complete with this run's settings (raises if another video)."""
+        if done is None or done.get("settings_hash") != self.settings_hash:
+            return False
+        self._check_identity(done, meta)
+        return True
+
+    # -- video locks (png): one job computes a video ------------------------------------------------
+    def _lock(self, vid: str) -> str | None:
+        """Take the lock of video `vid`; None when held now, else who holds it.
+
+        Raises:
+            SampleError: if the id is refused or the lock path is a symbolic link.
+            OSError: if the lock cannot be created.
+        """
+        path = self.root / f"{check_video_id(vid)}.lock"  # ids ending in .lock are refused: never a video
+        if os.path.islink(path):
+            raise SampleError(
+                f"Expected the lock {str(path)!r} to be a file made by this tool, but it is a symbolic link. "
+                "Remove it."
+            )
+        lock = FileLock(path, self.lock_timeout_s)
+        holder = lock.acquire()
+        if holder is not None:
+            return describe(holder)
+        self._locks[vid] = lock
+        return None
+
+    def _unlock(self, vid: str) -> None:
+        lock = self._locks.pop(vid, None)
+        if lock is not None:
+            lock.release()
+
+    def _release_all(self) -> None:
+        for vid in list(self._locks):
+            self._unlock(vid)
 
     def _read_done(self, vid: str) -> dict[str, Any] | None:
         """`<vid>/DONE` as a JSON object, None if absent or not an object; never through a link.
@@ -455,6 +526,10 @@ class PseudoLabelWriter(BasePredictionWriter):
             )
         if self.summary is None:
             self._start()
+        vid = result.video_id if isinstance(result, VideoFailed) else result.meta.video_id
+        if isinstance(result, VideoSkipped) and self._busy.pop((vid, result.meta.clip_index), None):
+            self.summary.add_elsewhere(vid)  # another job holds its lock: neither done nor failed here
+            return
         reason = self._refusal(result) if self.output_format == "png" else None
         if reason is not None:
             log.warning(f"Video {result.meta.video_id!r} ({result.url}) not written: {reason}")
@@ -462,6 +537,11 @@ class PseudoLabelWriter(BasePredictionWriter):
         if isinstance(result, VideoLabels):
             try:
                 if self.output_format == "png":
+                    holder = self._lock(vid) if vid not in self._locks else None  # test/validate: not asked
+                    if holder is not None:
+                        log.warning(f"Video {vid!r} not written: in progress elsewhere ({holder}).")
+                        self.summary.add_elsewhere(vid)
+                        return
                     self._write_png(result, sample)
                 else:
                     self._write_shard_sample(result, sample)
@@ -475,6 +555,11 @@ class PseudoLabelWriter(BasePredictionWriter):
                 if result.meta.video_id in self._stale:
                     self._stale.discard(result.meta.video_id)
                     self.summary.recomputed += 1
+        if isinstance(result, VideoFailed) or result.meta.clip_index >= result.meta.num_clips - 1:
+            if vid is not None:
+                self._unlock(vid)  # DONE written, or the video failed: others may take it
+        elif vid in self._locks:
+            self._locks[vid].refresh()  # more clips to come: still alive
         self.summary.add(result)
 
     def _path(self, *parts: str) -> Path:
@@ -536,7 +621,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         vdir.mkdir(exist_ok=True)
         done = self._path(vid, DONE)
         done.unlink(missing_ok=True)  # the video is being (re)written: it is not complete until DONE is back
-        for stale in vdir.glob(".*.tmp"):  # left by a killed run (this video is written by this rank only)
+        for stale in vdir.glob(".*.tmp"):  # left by a killed job: only the lock holder (us) writes here
             stale.unlink(missing_ok=True)
         if meta.clip_index == 0:
             for stale in vdir.glob("clip-*.done"):
@@ -642,6 +727,7 @@ class PseudoLabelWriter(BasePredictionWriter):
 
     # -- the end: summaries ---------------------------------------------------------------------
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._release_all()
         if self.summary is None:
             return
         self._abort_preview_videos()
@@ -660,7 +746,8 @@ class PseudoLabelWriter(BasePredictionWriter):
             t = merged["total"]
             log.warning(
                 f"{merged['stage']}: {t['videos']} videos ({t['frames']} frames) written, "
-                f"{t['skipped_videos']} skipped as complete, {t['failed']} failed; "
+                f"{t['skipped_videos']} skipped as complete, {t.get('in_progress_elsewhere', 0)} in progress "
+                f"elsewhere, {t['failed']} failed; "
                 f"{t['frames_per_second']:.2f} frames/s. "
                 f"Summary: {self.root / SUMMARY}"
             )
@@ -685,8 +772,11 @@ class PseudoLabelWriter(BasePredictionWriter):
         finish far apart (uneven shards) and hang when a rank died; polling does neither.
         """
         deadline = time.monotonic() + (self.summary_timeout_s if wait else 0.0)
+        own = self.summary.to_dict() if self.summary is not None else None
         while True:
             found = read_rank_summaries(self.root, self.run_id, self.world_size)
+            if own is not None:  # another job on this folder may have replaced our rank's file since
+                found = [r for r in found if r.get("rank") != self.rank] + [own]
             if len(found) == self.world_size or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
@@ -698,7 +788,13 @@ class PseudoLabelWriter(BasePredictionWriter):
                 f"No summary from ranks {merged['missing_ranks']} after {self.summary_timeout_s:.0f} s; "
                 f"{self.root / SUMMARY} is partial (the last rank to finish rewrites it)."
             )
-        atomic_write(
-            self.root / SUMMARY, json_bytes(with_earlier_runs(merged, read_json(self.root / SUMMARY)))
-        )
+        lock = FileLock(self.root / f"{SUMMARY}.lock", stale_after_s=60.0)  # jobs sharing output_dir
+        if not lock.wait(timeout_s=30.0):
+            log.warning(f"{lock.path} held for 30 s; writing {SUMMARY} without it.")
+        try:
+            atomic_write(
+                self.root / SUMMARY, json_bytes(with_earlier_runs(merged, read_json(self.root / SUMMARY)))
+            )
+        finally:
+            lock.release()
         return merged

@@ -1,0 +1,72 @@
+"""Two jobs on one output folder: every video is labelled exactly once, by one of them (video locks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from shards import (
+    done_records,
+    label_files,
+    make_video,
+    predict_args,
+    subprocess_env,
+    video_samples,
+    write_shard,
+)
+
+from vss_lightning import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_VIDEOS = 12
+
+
+def test_two_jobs_on_one_folder_label_each_video_once_with_the_bytes_of_one_job(tmp_path):
+    shards = tmp_path / "shards"
+    for s in range(2):
+        samples = [
+            sample
+            for i in range(s * NUM_VIDEOS // 2, (s + 1) * NUM_VIDEOS // 2)
+            for sample in video_samples(make_video(f"c{i:02d}", 2, size=(64, 96), seed=i))
+        ]
+        write_shard(shards / f"c-{s:06d}.tar", samples)
+    pattern = str(shards / "c-{000000..000001}.tar")
+    shared = tmp_path / "shared"
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "vss_lightning", *predict_args(pattern, shared)],
+            env=subprocess_env(),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    for job in jobs:
+        _, err = job.communicate(timeout=400)
+        assert job.returncode == 0, err.decode()[-3000:]
+    # One uninterrupted job alone, in this process: the reference bytes.
+    single = tmp_path / "single"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli.main(predict_args(pattern, single))
+    finally:
+        torch.set_num_threads(threads)
+
+    assert len(label_files(single)) == 2 * NUM_VIDEOS
+    assert label_files(shared) == label_files(single)
+    assert sorted(done_records(shared)) == [f"c{i:02d}" for i in range(NUM_VIDEOS)]
+    runs = json.loads((shared / "summary.json").read_text())["runs"]
+    assert len(runs) == 2 and runs[0]["run_id"] != runs[1]["run_id"]  # neither job's summary was lost
+    totals = [run["total"] for run in runs]
+    assert sum(t["videos"] for t in totals) == NUM_VIDEOS  # each video computed by exactly one job
+    for t in totals:
+        assert t["failed"] == 0
+        assert t["videos"] + t["skipped_videos"] + t["in_progress_elsewhere"] == NUM_VIDEOS
+    assert not list(shared.glob("*.lock")) and not list(shared.rglob("*.tmp"))
+    print("videos per job:", [t["videos"] for t in totals], "in progress elsewhere:",
+          [t["in_progress_elsewhere"] for t in totals])  # fmt: skip
