@@ -537,3 +537,34 @@ def test_decompressed_bytes_per_shard_are_bounded_from_the_header(tmp_path: Path
     assert cost.seconds < 5 and cost.peak_mib < 16, (cost.seconds, cost.peak_mib)
     with pytest.raises(ValueError, match="max_header_bytes"):
         VideoShardDataModule(str(tmp_path / "x-000000.tar"), max_header_bytes=0)
+
+
+def test_links_and_empty_shards_are_reported_not_dropped(tmp_path: Path) -> None:
+    """A frame stored as a symbolic or hard link fails its video with a message naming the link; a
+    valid but empty tar is reported as such; the other videos are read."""
+    good = clip_sample("good", ["f0"])
+    for kind, video in ((tarfile.SYMTYPE, "sym"), (tarfile.LNKTYPE, "hard")):
+        sample = clip_sample(video, ["f0"])
+        path = tmp_path / f"{video}-000000.tar"
+        with tarfile.open(path, "w") as tar:
+            for name, data in tar_members(sample):
+                info = tarfile.TarInfo(name)
+                if name.endswith(".jpg"):  # the frame is a link to a file elsewhere
+                    info.type, info.linkname = kind, "/etc/passwd"
+                else:
+                    info.size = len(data)
+                tar.addfile(info, None if name.endswith(".jpg") else io.BytesIO(data))
+    with tarfile.open(tmp_path / "empty-000000.tar", "w") as tar:
+        info = tarfile.TarInfo("just-a-folder")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    write_tar(tmp_path / "zgood-000000.tar", tar_members(good))
+    got = read_all(str(tmp_path / "*.tar"))
+    by_url = {Path(getattr(s, "url", "")).name: s for s in got}
+    assert [s.video_id for s in got if isinstance(s, VideoSample)] == ["good"]
+    empty = by_url["empty-000000.tar"]
+    assert isinstance(empty, FailedSample) and "holds no sample" in empty.error
+    for video, kind in (("sym", "symbolic"), ("hard", "hard")):
+        failed = by_url[f"{video}-000000.tar"]
+        assert isinstance(failed, FailedSample) and failed.video_id == video
+        assert f"is a {kind} link (to '/etc/passwd'), which is never followed" in failed.error

@@ -60,7 +60,13 @@ from .format import (
     VideoSample,
     decode_sample,
 )
-from .reader import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_SHARD_BYTES, TarLimitError, tar_samples
+from .reader import (
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_SHARD_BYTES,
+    EmptyShardError,
+    TarLimitError,
+    tar_samples,
+)
 from .shards import MANIFEST, DatasetInfo, dataset_info, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -149,7 +155,12 @@ class _Stream:
         """Error handler of `reader.tar_samples` for shard-level errors (open, tar read)."""
         url = self.opened[-1] if self.opened else "<no shard opened yet>"
         what = str(exn)
-        if isinstance(exn, TarLimitError):
+        if isinstance(exn, EmptyShardError):
+            msg = (
+                f"Expected shard {url!r} to hold at least one sample, but {what}. Check the pattern in "
+                "`--data.shards`, or rebuild the shard with `python -m data_tools`."
+            )
+        elif isinstance(exn, TarLimitError):
             msg = (
                 f"Expected the tar headers of shard {url!r} to stay within the reader's limits, but "
                 f"{what}. Samples before it were delivered; the rest of this shard was not read. Raise "

@@ -5,6 +5,9 @@ member into memory whole, whatever its name or size; a compressed shard (`.tar.g
 opens transparently) can expand a small file into gigabytes. Here each member's size comes from its
 tar header, and a member is read only when it is a schema field (`format.is_schema_field`) that fits:
 
+- a symbolic or hard link member is never followed: as a schema field it fails its sample with a
+  `Refused` naming the link; otherwise it is counted as ignored like the next item;
+- a valid tar holding no sample at all is reported (`EmptyShardError` to `handler`);
 - any other member (a pickle, a `.pth`, notes, ...) is skipped unread and counted in the sample's
   `__ignored__` field (`format.decode_sample` adds it to `VideoSample.ignored_fields`; the first few
   field names are kept in `__ignored_names__` for messages);
@@ -52,6 +55,10 @@ DEFAULT_MAX_SHARD_BYTES = 64 << 30  # decompressed bytes of one shard (streamed:
 
 class TarLimitError(ValueError):
     """A tar header breaks a limit of `tar_samples`; the rest of the shard is not read."""
+
+
+class EmptyShardError(ValueError):
+    """A shard that is a valid tar file but holds no sample (no regular or link member with a key)."""
 
 
 class GuardedTarInfo(tarfile.TarInfo):
@@ -142,7 +149,7 @@ def tar_samples(
         sample: dict[str, Any] | None = None
         try:
             with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=info_class) as tar:
-                nbytes = 0
+                nbytes = yielded = 0
                 for info in tar:
                     tar.members = []  # stream mode keeps every header otherwise
                     if info.offset_data + info.size > max_shard_bytes:  # before it is read or skipped
@@ -151,15 +158,24 @@ def tar_samples(
                             f"{info.offset_data + info.size}, past {max_shard_bytes} decompressed bytes, the "
                             "limit per shard (`max_shard_bytes`); it was not read"
                         )
-                    key, field = base_plus_ext(info.name) if info.isreg() else (None, None)
-                    if key is None:
+                    link = info.issym() or info.islnk()
+                    key, field = base_plus_ext(info.name) if info.isreg() or link else (None, None)
+                    if key is None:  # directories, devices, names without a key
                         continue
                     field = field.lower()
                     if sample is None or sample["__key__"] != key:
                         if sample is not None:
                             yield sample
                         sample, nbytes = {"__key__": key, "__url__": url, "__ignored__": 0}, 0
-                    if not is_schema_field(field):
+                        yielded += 1
+                    if link and is_schema_field(field):  # never followed: its sample fails, saying why
+                        kind = "symbolic" if info.issym() else "hard"
+                        sample[field] = Refused(
+                            f"member {info.name[:200]!r} is a {kind} link (to {info.linkname[:200]!r}), "
+                            "which is never followed; store the file itself in the shard"
+                        )
+                        continue
+                    if link or not is_schema_field(field):
                         sample["__ignored__"] += 1
                         if len(sample.setdefault("__ignored_names__", [])) < 8:  # for messages
                             sample["__ignored_names__"].append(field)
@@ -168,6 +184,8 @@ def tar_samples(
                     sample[field] = _read(tar, info, field, sample, nbytes, max_bytes, max_fields, max_pixels)
             if sample is not None:
                 yield sample
+            if yielded == 0:
+                raise EmptyShardError("it is a valid tar file but holds no sample")
         except Exception as exn:  # noqa: BLE001 - whatever a damaged shard raises goes to the handler
             if sample is not None:
                 yield sample  # read up to the damage; decoding it says what is missing
