@@ -115,6 +115,7 @@ def test_summary_json_keeps_every_run(capsys, tmp_path, shard, one_thread):  # n
     assert _run(capsys, predict_args(shard, out))[0] == 0
     first = json.loads((out / "summary.json").read_text())
     assert first["total"]["frames"] == 2 and [r["run_id"] for r in first["runs"]] == [first["run_id"]]
+    assert first["stage"] == "predict" and first["complete"]
     assert _run(capsys, predict_args(shard, out))[0] == 0  # everything is skipped as complete
     second = json.loads((out / "summary.json").read_text())
     assert second["total"]["frames"] == 0 and second["total"]["skipped_videos"] == 1

@@ -772,7 +772,8 @@ class PseudoLabelWriter(BasePredictionWriter):
         finish far apart (uneven shards) and hang when a rank died; polling does neither.
         """
         deadline = time.monotonic() + (self.summary_timeout_s if wait else 0.0)
-        own = self.summary.to_dict() if self.summary is not None else None
+        # as written to disk (plain JSON types: e.g. the stage enum becomes its value "predict")
+        own = json.loads(json_bytes(self.summary.to_dict())) if self.summary is not None else None
         while True:
             found = read_rank_summaries(self.root, self.run_id, self.world_size)
             if own is not None:  # another job on this folder may have replaced our rank's file since
