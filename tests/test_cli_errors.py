@@ -189,3 +189,41 @@ def test_help_and_print_config_answer_from_the_cache_without_torch(tmp_path, mon
     assert help_cache.lookup(list(requests[1]), "vss-lightning") is None  # the key covers the config
     code, out = _run_out(capsys, list(requests[1]))
     assert code == 0 and "num_clusters: 5" in out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_full_disk_fails_the_video_names_the_path_and_keeps_the_summary(tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing a video's labels fails that video (one message naming the path, no label
+    that looks complete); the job finishes, writes summary.json and exits 3. ENOSPC on summary.json
+    itself ends the job with one line, no traceback."""
+    import errno
+
+    import vss_lightning.io.writer as writer_module
+
+    write_shard(tmp_path / "s-000000.tar", video_samples(make_video("full", 2, size=(64, 96)))
+                + video_samples(make_video("fine", 2, size=(64, 96), seed=1)))  # fmt: skip
+    real = writer_module.atomic_write
+
+    def disk_full_for(name: str):
+        def write(path, data):
+            if name in str(path):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real(path, data)
+
+        return write
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(writer_module, "atomic_write", disk_full_for("/full/"))
+    code, lines = _run(capsys, predict_args(str(tmp_path / "s-000000.tar"), out))
+    assert code == cli.EXIT_SOME_FAILED
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["total"]["videos"] == 1 and [f["video_id"] for f in summary["failed"]] == ["full"]
+    assert (
+        "No space left on device" in summary["failed"][0]["error"] and "full" in summary["failed"][0]["error"]
+    )
+    assert not (out / "full" / "DONE").exists() and (out / "fine" / "DONE").exists()
+
+    monkeypatch.setattr(writer_module, "atomic_write", disk_full_for("summary.json"))
+    code, lines = _run(capsys, predict_args(str(tmp_path / "s-000000.tar"), tmp_path / "out2"))
+    error = _short(lines)
+    assert code == cli.EXIT_ERROR and "No space left on device" in error and "summary.json" in error
