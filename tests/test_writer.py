@@ -172,11 +172,19 @@ def test_shards_whole_videos_rename_and_resume(tmp_path):
     # A rerun sees every video as complete and numbers its new tars after the old ones.
     again = _writer(tmp_path, output_format="shards")
     assert all(again.is_complete(_meta(v, 1)) for v in "abc") and again._shards.next_index == 2
+    # A second job writing label shards into the same folder (as the same rank) is refused ...
+    with pytest.raises(ValueError, match="Expected no other job to write label shards") as e:
+        _writer(tmp_path, output_format="shards")
+    assert f"pid {os.getpid()}" in str(e.value) and "labels-rank0.lock" in str(e.value)
+    _finish(again)  # ... until the first one is done
     # Without the index file the tar itself is scanned.
     (tmp_path / "labels-rank000-000000.index.json").unlink()
-    assert _writer(tmp_path, output_format="shards").is_complete(_meta("a", 1))
+    third = _writer(tmp_path, output_format="shards")
+    assert third.is_complete(_meta("a", 1))
+    _finish(third)
     with pytest.raises(ValueError, match="Shards cannot be overwritten in place"):
         _writer(tmp_path, settings_hash="h2", output_format="shards")
+    assert not (tmp_path / "labels-rank0.lock").exists()  # the refused job left no lock behind
 
 
 def test_shards_exception_keeps_finished_videos_and_drops_partial(tmp_path):

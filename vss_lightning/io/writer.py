@@ -226,6 +226,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         self.run_id = ""
         self.summary: RankSummary | None = None
         self.failed_videos = 0  # videos the last finished stage could not label (merged on rank 0)
+        self._shards_lock: FileLock | None = None  # with "shards": this job's hold on its rank's tars
         self._stale_warned: set[str] = set()
         self._stale: set[str] = set()
         self._shards: LabelShardStore | None = None
@@ -256,11 +257,26 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._release_all()
         self._busy.clear()
         self._shards = None
+        self._release_shards_lock()
         if self.output_format == "shards":
-            self._shards = LabelShardStore(
-                self.root, self.rank, self.world_size, self.settings_hash, self.run_id, self.videos_per_shard,
-                self.shard_max_bytes,
-            ).open()  # fmt: skip
+            # One job per rank and folder: a second job would write the same `labels-rank<r>-*` tars.
+            lock = FileLock(self.root / f"labels-rank{self.rank}.lock", self.lock_timeout_s)
+            holder = lock.acquire()
+            if holder is not None:
+                raise ValueError(
+                    f"Expected no other job to write label shards into {str(self.root)!r} as rank "
+                    f"{self.rank}, but {describe(holder)} holds {str(lock.path)!r}. Use another "
+                    "`--output_dir`, or wait for that job (the lock of a job that died is taken over)."
+                )
+            self._shards_lock = lock
+            try:
+                self._shards = LabelShardStore(
+                    self.root, self.rank, self.world_size, self.settings_hash, self.run_id,
+                    self.videos_per_shard, self.shard_max_bytes,
+                ).open()  # fmt: skip
+            except BaseException:
+                self._release_shards_lock()
+                raise
 
     def _start(self) -> None:
         self.summary = RankSummary(
@@ -295,11 +311,12 @@ class PseudoLabelWriter(BasePredictionWriter):
         """Close the open tar (it holds whole videos only), release the video locks, record the counts."""
         self._abort_preview_videos()
         self._release_all()
-        if self.summary is None:
-            return
         if self._shards is not None:
             self._shards.pending.clear()  # unfinished videos are not stored
             self._shards.close()
+        self._release_shards_lock()
+        if self.summary is None:
+            return
         self.summary.finish(interrupted=True)
         self._write_rank_summary()
         self._merge(wait=False)
@@ -435,6 +452,12 @@ class PseudoLabelWriter(BasePredictionWriter):
     def _release_all(self) -> None:
         for vid in list(self._locks):
             self._unlock(vid)
+
+    def _release_shards_lock(self) -> None:
+        """Release this job's hold on its rank's label tars (after they are closed)."""
+        if self._shards_lock is not None:
+            self._shards_lock.release()
+            self._shards_lock = None
 
     def _read_done(self, vid: str) -> dict[str, Any] | None:
         """`<vid>/DONE` as a JSON object, None if absent or not an object; never through a link.
@@ -737,6 +760,7 @@ class PseudoLabelWriter(BasePredictionWriter):
                 self.summary.add(VideoFailed(vid, samples[0]["__key__"], "", error))
             self._shards.pending.clear()
             self._shards.close()
+        self._release_shards_lock()
         self.summary.finish()
         self._write_rank_summary()
         own_failed = len(self.summary.failed)
