@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from shards import (
+import pytest
+from shards import (  # noqa: F401 (one_thread: fixture)
     done_records,
     label_files,
     make_video,
+    one_thread,
     predict_args,
     subprocess_env,
     video_samples,
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NUM_VIDEOS = 12
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_two_jobs_on_one_folder_label_each_video_once_with_the_bytes_of_one_job(tmp_path):
     shards = tmp_path / "shards"
     for s in range(2):
@@ -50,12 +52,7 @@ def test_two_jobs_on_one_folder_label_each_video_once_with_the_bytes_of_one_job(
         assert job.returncode == 0, err.decode()[-3000:]
     # One uninterrupted job alone, in this process: the reference bytes.
     single = tmp_path / "single"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cli.main(predict_args(pattern, single))
-    finally:
-        torch.set_num_threads(threads)
+    cli.main(predict_args(pattern, single))  # one torch thread (`one_thread`)
 
     assert len(label_files(single)) == 2 * NUM_VIDEOS
     assert label_files(shared) == label_files(single)

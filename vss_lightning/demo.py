@@ -115,11 +115,8 @@ def _predict(args: list[str], out: Path, smoke: bool) -> int:
     return _report(out)
 
 
-EXIT_SOME_FAILED = 3  # as `vss-lightning` (vss_lightning.cli): some videos could not be labelled
-
-
 def _report(out: Path) -> int:
-    """Say what the labelling run did, from its `summary.json`; 1 if a video failed."""
+    """Say what the labelling run did, from its `summary.json`; `EXIT_SOME_FAILED` if a video failed."""
     summary = json.loads((out / "summary.json").read_text())
     skipped = summary["total"]["skipped_videos"]
     if skipped:
@@ -133,6 +130,8 @@ def _report(out: Path) -> int:
             f"Expected every video to be labelled, but {len(summary['failed'])} failed, e.g. "
             f"{first['video_id']!r}: {first['error']}"
         )
+        from vss_lightning.cli import EXIT_SOME_FAILED
+
         return EXIT_SOME_FAILED
     print(f"labels, previews and summary.json are in {out}/")
     return 0

@@ -54,8 +54,6 @@ SUBCOMMAND_HELP = {
     "test": "Label the videos and score them against the shards' ground truth (writes metrics.json).",
     "validate": "The same as test, logged under the val/ prefix.",
 }
-# Exit status of a job that finished but could not label some videos (listed in summary.json).
-EXIT_SOME_FAILED = 3
 # Lines of third-party libraries that are noise to our users (product tips, known deprecations).
 NOISE = ("💡 Tip:", "isinstance(treespec, LeafSpec)` is deprecated")
 

@@ -29,11 +29,9 @@ the sample being read when the damage was found is still yielded, so its decodin
 
 from __future__ import annotations
 
-import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
-from urllib.parse import urlparse
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
@@ -101,12 +99,6 @@ def _guarded(max_header_bytes: int, max_shard_bytes: int) -> type[GuardedTarInfo
 
 
 BYTES_PER_SAMPLE_PIXEL = 4  # encoded frame + label bytes allowed per pixel of `max_sample_pixels`
-
-
-def as_local(path: str) -> str:
-    """A path found on disk, made safe to pass as a shard url: a file named like `pipe:cmd.tar` gets a
-    `./` prefix (WebDataset's `gopen`, which opens the shards, runs `pipe:` urls as shell commands)."""
-    return os.path.join(os.curdir, path) if urlparse(path).scheme else path
 
 
 def reraise(exn: Exception) -> bool:

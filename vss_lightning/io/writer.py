@@ -318,8 +318,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         if self.summary is None:
             return
         self.summary.finish(interrupted=True)
-        self._write_rank_summary()
-        self._merge(wait=False)
+        self._merge(self._write_rank_summary(), wait=False)
         self.summary = None
 
     # -- the output index: asked by the module before it computes a sample -------------------------
@@ -762,10 +761,9 @@ class PseudoLabelWriter(BasePredictionWriter):
             self._shards.close()
         self._release_shards_lock()
         self.summary.finish()
-        self._write_rank_summary()
-        own_failed = len(self.summary.failed)
-        merged = self._merge(wait=self.rank == 0)
-        self.failed_videos = int(merged["total"]["failed"]) if merged is not None else own_failed
+        own = self._write_rank_summary()
+        merged = self._merge(own, wait=self.rank == 0)
+        self.failed_videos = int(merged["total"]["failed"]) if merged is not None else len(own["failed"])
         if self.rank == 0 and merged is not None:
             t = merged["total"]
             log.warning(
@@ -782,26 +780,28 @@ class PseudoLabelWriter(BasePredictionWriter):
                 )
         self.summary = None
 
-    def _write_rank_summary(self) -> None:
-        path = self.root / SUMMARY_RANK.format(rank=self.rank)
-        atomic_write(path, json_bytes(self.summary.to_dict()))
+    def _write_rank_summary(self) -> dict[str, Any]:
+        """Write this rank's summary; returns it as written (plain JSON types: the stage enum becomes
+        its value "predict"), for `_merge`."""
+        data = json_bytes(self.summary.to_dict())
+        atomic_write(self.root / SUMMARY_RANK.format(rank=self.rank), data)
+        return json.loads(data)
 
-    def _merge(self, wait: bool) -> dict[str, Any] | None:
+    def _merge(self, own: dict[str, Any], wait: bool) -> dict[str, Any] | None:
         """Merge the ranks' summaries into `summary.json` once all of this run's are there.
 
         No collective: every rank writes its own file, then looks for the others; whichever rank
         sees all of them writes the merged file (several may, with the same content). Rank 0 also
         polls for up to `summary_timeout_s`, then writes what it has with `missing_ranks` listed.
         A barrier would also work here, but it would fail with the process-group timeout when ranks
-        finish far apart (uneven shards) and hang when a rank died; polling does neither.
+        finish far apart (uneven shards) and hang when a rank died; polling does neither. This rank's
+        summary is `own` (as `_write_rank_summary` wrote it), not re-read from its file.
         """
         deadline = time.monotonic() + (self.summary_timeout_s if wait else 0.0)
-        # as written to disk (plain JSON types: e.g. the stage enum becomes its value "predict")
-        own = json.loads(json_bytes(self.summary.to_dict())) if self.summary is not None else None
         while True:
             found = read_rank_summaries(self.root, self.run_id, self.world_size)
-            if own is not None:  # another job on this folder may have replaced our rank's file since
-                found = [r for r in found if r.get("rank") != self.rank] + [own]
+            # another job on this folder may have replaced our rank's file since we wrote `own`
+            found = [r for r in found if r.get("rank") != self.rank] + [own]
             if len(found) == self.world_size or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
