@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import CAMVID, SWAN
-from tests.shards import CONFIGS, Video, label_files, one_thread, video_samples, write_shard  # noqa: F401
+from conftest import CAMVID, SWAN
+from shards import CONFIGS, Video, label_files, one_thread, video_samples, write_shard  # noqa: F401
 from vss_lightning.cli import main
 
 # (config, clip) -> sha256 of the sorted (relative path, PNG bytes) of every label written.
@@ -66,8 +66,9 @@ def _hash(files: dict[str, bytes]) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(("config", "clip"), sorted(GOLDEN))
-def test_labels_match_the_golden_hashes(config: str, clip: str, tmp_path: Path, one_thread) -> None:
+def test_labels_match_the_golden_hashes(config: str, clip: str, tmp_path: Path) -> None:
     video = _clip(clip, SIZES[(config, clip)], NUM_FRAMES[config])
     shard = write_shard(tmp_path / "shards" / "golden-000000.tar", video_samples(video))
     out = tmp_path / "out"
