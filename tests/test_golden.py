@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import CAMVID, SWAN
+from PIL import Image
 from shards import CONFIGS, Video, label_files, one_thread, video_samples, write_shard  # noqa: F401
+
 from vss_lightning.cli import main
 
 # (config, clip) -> sha256 of the sorted (relative path, PNG bytes) of every label written.
