@@ -1,0 +1,227 @@
+"""Corpus vocabulary: prototypes, weighted cosine K-Means, fit and apply (issue #17)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import adjusted_rand_score
+
+from vss_lightning.data.format import encode_png
+from vss_lightning.vocabulary import kmeans
+from vss_lightning.vocabulary.__main__ import main
+from vss_lightning.vocabulary.apply import apply_vocabulary
+from vss_lightning.vocabulary.fit import VOCABULARY_JSON, fit_vocabulary, load_vocabulary
+from vss_lightning.vocabulary.prototypes import (
+    PROTOTYPES,
+    PrototypeAccumulator,
+    PrototypeError,
+    VideoPrototypes,
+)
+
+DIM, CLASSES = 64, 8
+# Noise of a prototype around its class direction: per-channel sigma 0.08 on unit class vectors in 64
+# dimensions gives a noise norm of ~0.64, i.e. a cosine to the own class of ~0.84 and to the nearest
+# other class of ~0.25 (random class directions): realistic for mean features of one class seen in
+# different videos, and far from trivial (each prototype is visibly off its class).
+NOISE = 0.08
+
+
+def _classes(seed: int = 0) -> torch.Tensor:
+    return kmeans.normalize(torch.randn(CLASSES, DIM, generator=torch.Generator().manual_seed(seed)))
+
+
+def _video(
+    vid: str, classes: torch.Tensor, rng: np.random.Generator, frames: int = 3
+) -> tuple[VideoPrototypes, dict[int, int]]:
+    """A video holding a random subset of the classes under a random permutation of local ids."""
+    present = rng.choice(CLASSES, size=int(rng.integers(2, 6)), replace=False)
+    local = rng.permutation(20)[: len(present)]
+    order = np.argsort(local)
+    local, present = local[order], present[order]
+    feats = classes[present] + NOISE * torch.from_numpy(rng.standard_normal((len(present), DIM))).float()
+    cells = torch.from_numpy(rng.integers(5, 500, len(present)))
+    proto = VideoPrototypes(
+        video_id=vid,
+        labels=torch.from_numpy(local).long(),
+        features=feats,
+        cells=cells,
+        frames=torch.ones((len(present), frames), dtype=torch.uint8),
+        settings_hash="abc",
+    )
+    return proto, dict(zip(local.tolist(), present.tolist(), strict=True))
+
+
+def _write_video(root: Path, proto: VideoPrototypes, labels: np.ndarray) -> None:
+    """A finished png output video: label PNGs, DONE, prototypes."""
+    vdir = root / proto.video_id
+    vdir.mkdir(parents=True)
+    names = [f"f{t:03d}" for t in range(labels.shape[0])]
+    for name, lab in zip(names, labels, strict=True):
+        (vdir / f"{name}.png").write_bytes(encode_png(lab.astype(np.uint8)))
+    proto.save(vdir / PROTOTYPES)
+    done = {"video_id": proto.video_id, "frame_names": names, "settings_hash": proto.settings_hash}
+    (vdir / "DONE").write_text(json.dumps(done))
+
+
+def _corpus(root: Path, videos: int, seed: int = 0) -> dict[str, dict[int, int]]:
+    rng = np.random.default_rng(seed)
+    classes = _classes(seed)
+    truth = {}
+    for v in range(videos):
+        proto, mapping = _video(f"v{v:03d}", classes, rng)
+        labels = rng.choice(proto.labels.numpy(), size=(3, 8, 12))
+        _write_video(root, proto, labels)
+        truth[proto.video_id] = mapping
+    return truth
+
+
+def test_weighted_cosine_kmeans_matches_a_naive_reference():
+    """Lloyd on unit vectors: each step's centroids equal the normalised weighted member sums."""
+    gen = torch.Generator().manual_seed(1)
+    x = kmeans.normalize(torch.randn(200, 16, generator=gen, dtype=torch.float64))
+    w = torch.rand(200, generator=gen, dtype=torch.float64) + 0.1
+    centroids, inertia = kmeans.fit(x, w, 5, n_init=3, seed=0)
+    index = (x @ centroids.T).argmax(1)
+    for g in range(5):
+        members = index == g
+        want = (x[members] * w[members, None]).sum(0)
+        np.testing.assert_allclose(centroids[g].numpy(), (want / want.norm()).numpy(), atol=1e-6)
+    naive = sum(float(w[i] * (1 - x[i] @ centroids[index[i]])) for i in range(200))
+    assert inertia == pytest.approx(naive, rel=1e-9)
+
+
+def test_streaming_fit_equals_in_memory_fit_on_a_corpus_larger_than_its_sample():
+    gen = torch.Generator().manual_seed(2)
+    centres = kmeans.normalize(torch.randn(6, 32, generator=gen, dtype=torch.float64))
+    x = centres[torch.arange(3000) % 6] + 0.05 * torch.randn(3000, 32, generator=gen, dtype=torch.float64)
+    w = torch.rand(3000, generator=gen, dtype=torch.float64) + 0.5
+    chunks = lambda: ((x[i : i + 250], w[i : i + 250]) for i in range(0, 3000, 250))  # noqa: E731
+    streamed, inertia, total = kmeans.fit_streaming(chunks, 6, sample_size=300, passes=20, seed=0)
+    assert total == 3000
+    truth = torch.arange(3000) % 6
+    got = kmeans.assign(kmeans.normalize(x), streamed)[0]
+    assert adjusted_rand_score(truth.numpy(), got.numpy()) == 1.0
+    in_memory, _ = kmeans.fit(x, w, 6, seed=0)
+    # Same partition, so the same centroids up to their order.
+    order = kmeans.assign(in_memory, streamed)[0]
+    assert sorted(order.tolist()) == list(range(6))
+    np.testing.assert_allclose(streamed[order].numpy(), in_memory.numpy(), atol=1e-9)
+
+
+def test_accumulator_means_features_over_the_cells_of_each_label():
+    feats = torch.arange(2 * 2 * 3 * 4, dtype=torch.float32).reshape(2, 2, 3, 4)
+    coarse = torch.tensor([[[0, 0, 1], [1, 1, 1]], [[2, 2, 2], [0, 2, 2]]])
+    acc = PrototypeAccumulator(num_frames=5)
+    acc.add(feats, coarse, [3, 4])
+    p = acc.result("vid", "h")
+    assert p.labels.tolist() == [0, 1, 2]
+    flat, lab = feats.reshape(-1, 4), coarse.reshape(-1)
+    for i, label in enumerate([0, 1, 2]):
+        torch.testing.assert_close(p.features[i], flat[lab == label].mean(0))
+    assert p.cells.tolist() == [3, 4, 5]
+    assert p.frames.tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
+
+
+def test_prototypes_round_trip_and_a_missing_file_names_the_fix(tmp_path):
+    proto, _ = _video("a", _classes(), np.random.default_rng(0))
+    proto.save(tmp_path / PROTOTYPES)
+    back = VideoPrototypes.load(tmp_path / PROTOTYPES)
+    assert back.video_id == "a" and back.settings_hash == "abc"
+    torch.testing.assert_close(back.features, proto.features)
+    assert not list(tmp_path.glob(".*tmp"))
+    with pytest.raises(PrototypeError, match="does not exist. Label the video"):
+        VideoPrototypes.load(tmp_path / "nope" / PROTOTYPES)
+
+
+def test_fit_and_apply_recover_the_global_classes_of_a_corpus(tmp_path):
+    """60 videos, each a random subset of 8 classes under a random local-id permutation."""
+    labels, vocab, out = tmp_path / "labels", tmp_path / "vocab", tmp_path / "global"
+    truth = _corpus(labels, 60)
+    record = fit_vocabulary([labels], CLASSES, vocab, seed=0)
+    assert record["videos"] == 60 and len(record["classes"]) == CLASSES
+    assert json.loads((vocab / VOCABULARY_JSON).read_text())["vocabulary_hash"] == record["vocabulary_hash"]
+    summary = apply_vocabulary(labels, vocab, out)
+    assert len(summary.written) == 60
+    true_ids, got_ids = [], []
+    for vid, mapping in truth.items():
+        done = json.loads((out / vid / "DONE").read_text())
+        for local, cls in mapping.items():
+            true_ids.append(cls)
+            got_ids.append(done["global_ids"][str(local)])
+        for name in done["frame_names"]:  # the PNGs carry the mapped ids
+            local_png = np.asarray(Image.open(labels / vid / f"{name}.png"))
+            global_png = np.asarray(Image.open(out / vid / f"{name}.png"))
+            lut = {int(k): v for k, v in done["global_ids"].items()}
+            assert (global_png == np.vectorize(lut.get)(local_png)).all()
+    assert adjusted_rand_score(true_ids, got_ids) >= 0.99
+
+
+def test_the_same_video_under_two_ids_gets_identical_global_labels(tmp_path):
+    labels, vocab, out = tmp_path / "labels", tmp_path / "vocab", tmp_path / "global"
+    _corpus(labels, 20)
+    twin = labels / "twin"
+    twin.mkdir()
+    for p in (labels / "v003").iterdir():
+        (twin / p.name).write_bytes(p.read_bytes())
+    fit_vocabulary([labels], CLASSES, vocab)
+    apply_vocabulary(labels, vocab, out)
+    for p in sorted((out / "v003").glob("*.png")):
+        assert (out / "twin" / p.name).read_bytes() == p.read_bytes()
+
+
+def test_apply_is_idempotent_and_resumes_after_a_kill(tmp_path):
+    labels, vocab, out = tmp_path / "labels", tmp_path / "vocab", tmp_path / "global"
+    _corpus(labels, 10)
+    fit_vocabulary([labels], CLASSES, vocab)
+    first = apply_vocabulary(labels, vocab, out)
+    files = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    again = apply_vocabulary(labels, vocab, out)
+    assert again.skipped == first.written and not again.written
+    # A kill in the middle of a video: its DONE is gone and one PNG half written (as a temp file).
+    (out / "v004" / "DONE").unlink()
+    (out / "v004" / "f001.png").unlink()
+    (out / "v004" / ".f001.png.x.tmp").write_bytes(b"partial")
+    resumed = apply_vocabulary(labels, vocab, out)
+    assert resumed.written == ["v004"]
+    for p, data in files.items():
+        assert p.read_bytes() == data, p
+
+
+def test_bad_input_is_named(tmp_path):
+    labels, vocab = tmp_path / "labels", tmp_path / "vocab"
+    _corpus(labels, 3)
+    with pytest.raises(ValueError, match="at least 20 prototypes for 20 global classes"):
+        fit_vocabulary([labels], 20, vocab)
+    (labels / "v001" / PROTOTYPES).unlink()
+    with pytest.raises(PrototypeError, match="v001.*is missing"):
+        fit_vocabulary([labels], 2, vocab)
+    with pytest.raises(PrototypeError, match="Make one with"):
+        load_vocabulary(tmp_path / "none")
+
+
+def test_a_corpus_of_two_settings_is_refused(tmp_path):
+    labels = tmp_path / "labels"
+    _corpus(labels, 4)
+    p = VideoPrototypes.load(labels / "v002" / PROTOTYPES)
+    p.settings_hash = "other"
+    p.save(labels / "v002" / PROTOTYPES)
+    with pytest.raises(PrototypeError, match="one settings hash"):
+        fit_vocabulary([labels], 2, tmp_path / "vocab")
+
+
+def test_command_line_fit_then_apply(tmp_path, capsys):
+    labels, vocab, out = tmp_path / "labels", tmp_path / "vocab", tmp_path / "global"
+    _corpus(labels, 12)
+    main(["fit", "--labels", str(labels), "--num_classes", str(CLASSES), "--out", str(vocab)])
+    assert json.loads(capsys.readouterr().out)["videos"] == 12
+    main(["apply", "--labels", str(labels), "--vocab", str(vocab), "--out", str(out)])
+    assert json.loads(capsys.readouterr().out) == {"written": 12, "skipped": 0}
+    with pytest.raises(SystemExit) as e:
+        main(["apply", "--labels", str(labels), "--vocab", str(tmp_path / "missing"), "--out", str(out)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: Expected a vocabulary at")

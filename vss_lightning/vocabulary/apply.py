@@ -1,0 +1,138 @@
+"""`vocabulary apply`: rewrite a corpus's labels as global class ids, without rerunning the pipeline.
+
+    python -m vss_lightning.vocabulary apply --labels OUT --vocab VOCAB --out OUT2
+
+Every finished video of OUT (png format) maps each local label to the global class whose centroid
+is nearest to the label's prototype (cosine; several local labels may map to one class), and its
+label PNGs are rewritten under OUT2/<video>/ with the same frame names. Exactly once and resumable
+like `predict`: every file is written to a temporary name and renamed, and OUT2/<video>/DONE (the
+source's DONE record plus the vocabulary's hash and the local -> global map) is written last, so a
+killed run leaves no half video that a rerun would skip; a rerun skips the videos whose DONE names
+this vocabulary and the same source labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vss_lightning.data.format import encode_png
+
+from . import kmeans
+from .fit import DONE, load_vocabulary, video_folders, vocabulary_hash
+from .prototypes import PROTOTYPES, PrototypeError, VideoPrototypes
+
+log = logging.getLogger(__name__)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def global_map(prototypes: VideoPrototypes, centroids: torch.Tensor) -> dict[int, int]:
+    """Local label id -> global class id (nearest centroid by cosine)."""
+    if prototypes.dim != centroids.shape[1]:
+        raise PrototypeError(
+            f"Expected prototypes of {centroids.shape[1]} channels like the vocabulary, but video "
+            f"{prototypes.video_id!r} has {prototypes.dim}: the vocabulary was fitted on another backbone "
+            "or feature setting. Fit a vocabulary on this corpus."
+        )
+    if not prototypes.labels.numel():
+        return {}
+    index, _ = kmeans.assign(
+        kmeans.normalize(prototypes.features.double()), kmeans.normalize(centroids.double())
+    )
+    return dict(zip(prototypes.labels.tolist(), index.tolist(), strict=True))
+
+
+@dataclass
+class ApplySummary:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _source_digest(done: bytes) -> str:
+    return hashlib.sha256(done).hexdigest()[:16]
+
+
+def apply_vocabulary(labels: Path, vocab: Path, out: Path) -> ApplySummary:
+    """Map every finished video of `labels` to global ids under `out` (see the module docstring)."""
+    labels, out = Path(labels), Path(out)
+    if out.resolve() == labels.resolve():
+        raise ValueError(
+            f"Expected `--out` to differ from `--labels` ({str(out)!r}): apply never rewrites its input."
+        )
+    centroids, meta = load_vocabulary(vocab)
+    vhash = vocabulary_hash(vocab)
+    num_classes = centroids.shape[0]
+    dtype = np.uint8 if num_classes <= 256 else np.uint16
+    out.mkdir(parents=True, exist_ok=True)
+    summary = ApplySummary()
+    for vdir in video_folders([labels]):
+        vid = vdir.name
+        source_done = (vdir / DONE).read_bytes()
+        record = json.loads(source_done)
+        if meta.get("settings_hash") and record.get("settings_hash") != meta["settings_hash"]:
+            raise PrototypeError(
+                f"Expected video {vid!r} ({str(vdir)!r}) to come from the settings the vocabulary was fitted "
+                f"on ({meta['settings_hash']}), but its DONE records {record.get('settings_hash')!r}. Fit a "
+                "vocabulary on this corpus, or apply this one to labels of its own settings."
+            )
+        target = out / vid
+        done_path = target / DONE
+        if done_path.is_file():
+            previous = json.loads(done_path.read_bytes())
+            if previous.get("vocabulary_hash") == vhash and previous.get("source_done") == _source_digest(
+                source_done
+            ):
+                summary.skipped.append(vid)
+                continue
+        mapping = global_map(VideoPrototypes.load(vdir / PROTOTYPES), centroids)
+        lut = np.zeros(max([*mapping, 0]) + 1, dtype=np.int64)
+        for local, g in mapping.items():
+            lut[local] = g
+        target.mkdir(exist_ok=True)
+        done_path.unlink(missing_ok=True)
+        for name in record.get("frame_names") or []:
+            src = vdir / f"{name}.png"
+            with Image.open(src) as im:
+                arr = np.asarray(im)
+            unknown = np.setdiff1d(np.unique(arr), np.asarray(list(mapping), dtype=arr.dtype))
+            if unknown.size:
+                raise PrototypeError(
+                    f"Expected every label of {str(src)!r} to have a prototype, but {unknown.tolist()} have "
+                    f"none in {str(vdir / PROTOTYPES)!r}. Relabel the video (delete its DONE and rerun "
+                    "`predict`)."
+                )
+            _atomic_write(target / f"{name}.png", encode_png(lut[arr].astype(dtype)))
+        done = {
+            **record,
+            "vocabulary_hash": vhash,
+            "source_done": _source_digest(source_done),
+            "global_ids": {str(k): v for k, v in mapping.items()},
+            "label_mode": "vocabulary",
+        }
+        _atomic_write(done_path, (json.dumps(done, indent=2) + "\n").encode())
+        summary.written.append(vid)
+    log.info(
+        f"vocabulary apply: {len(summary.written)} videos written, "
+        f"{len(summary.skipped)} skipped as complete."
+    )
+    return summary
