@@ -15,13 +15,14 @@ from vss_lightning.data.format import encode_png
 from vss_lightning.vocabulary import kmeans
 from vss_lightning.vocabulary.__main__ import main
 from vss_lightning.vocabulary.apply import apply_vocabulary
-from vss_lightning.vocabulary.fit import VOCABULARY_JSON, fit_vocabulary, load_vocabulary
+from vss_lightning.vocabulary.fit import VOCABULARY_JSON, Corpus, fit_vocabulary, load_vocabulary
 from vss_lightning.vocabulary.prototypes import (
     PROTOTYPES,
     PrototypeAccumulator,
     PrototypeError,
     VideoPrototypes,
 )
+from vss_lightning.vocabulary.sheet import load_names, typical_examples
 
 DIM, CLASSES = 64, 8
 # Noise of a prototype around its class direction: per-channel sigma 0.08 on unit class vectors in 64
@@ -225,3 +226,42 @@ def test_command_line_fit_then_apply(tmp_path, capsys):
         main(["apply", "--labels", str(labels), "--vocab", str(tmp_path / "missing"), "--out", str(out)])
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith("error: Expected a vocabulary at")
+
+
+def test_naming_sheet_shows_each_class_and_names_yaml_is_read(tmp_path):
+    labels, vocab = tmp_path / "labels", tmp_path / "vocab"
+    _corpus(labels, 12)
+    frames_seen = []
+
+    def frame_source(video_id: str, name: str) -> np.ndarray:
+        frames_seen.append((video_id, name))
+        return np.full((8, 12, 3), 200, np.uint8)
+
+    fit_vocabulary([labels], CLASSES, vocab, frame_source=frame_source, examples_per_class=3)
+    sheets = sorted((vocab / "sheets").glob("class_*.png"))
+    assert [p.name for p in sheets] == [f"class_{g:03d}.png" for g in range(CLASSES)]
+    assert frames_seen  # the examples were drawn over source frames
+    page = (vocab / "index.html").read_text()
+    assert page.count('class="name"') == CLASSES and "Export names.yaml" in page
+    (vocab / "names.yaml").write_text('0: road\n3: "sky"\n')
+    assert load_names(vocab / "names.yaml", CLASSES) == {0: "road", 3: "sky"}
+    (vocab / "names.yaml").write_text("9: tree\n")
+    with pytest.raises(ValueError, match=r"integers in \[0, 8\)"):
+        load_names(vocab / "names.yaml", CLASSES)
+
+
+def test_typical_examples_are_the_prototypes_closest_to_their_centroid(tmp_path):
+    labels, vocab = tmp_path / "labels", tmp_path / "vocab"
+    _corpus(labels, 15)
+    fit_vocabulary([labels], CLASSES, vocab)
+    centroids, _ = load_vocabulary(vocab)
+    corpus = Corpus.scan([labels])
+    examples = typical_examples(corpus, centroids, 2)
+    unit = kmeans.normalize(centroids.double())
+    best = [[] for _ in range(CLASSES)]  # naive: every prototype's cosine to its own centroid
+    for p in corpus.videos():
+        index, cos = kmeans.assign(kmeans.normalize(p.features.double()), unit)
+        for g, c in zip(index.tolist(), cos.tolist(), strict=True):
+            best[g].append(c)
+    for g in range(CLASSES):
+        assert [e.cosine for e in examples[g]] == pytest.approx(sorted(best[g], reverse=True)[:2])

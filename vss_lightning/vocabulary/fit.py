@@ -7,6 +7,7 @@ the initialisation sample plus G centroids, whatever the corpus size), clusters 
 cosine K-Means (weights: cell counts), and writes
     VOCAB/vocabulary.safetensors  centroids (G, C) float32; metadata: settings hash, seed, counts
     VOCAB/vocabulary.json         per global class: cells, videos, mean share of a video's pixels
+    VOCAB/sheets/, VOCAB/index.html  the naming sheet (see `sheet`)
 Every video of a corpus must come from one settings hash (features of different settings or
 backbones are not comparable): a mismatch is an error naming both.
 """
@@ -16,16 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import kmeans
 from .prototypes import PROTOTYPES, PrototypeError, VideoPrototypes
+
+FrameSource = Callable[[str, str], "np.ndarray | None"]  # (video id, frame name) -> (H, W, 3) uint8
 
 VOCABULARY = "vocabulary.safetensors"
 VOCABULARY_JSON = "vocabulary.json"
@@ -116,8 +120,21 @@ def fit_vocabulary(
     sample_size: int = 200_000,
     n_init: int = 4,
     passes: int = 10,
+    frame_source: FrameSource | None = None,
+    examples_per_class: int = 8,
 ) -> dict:
-    """Fit and write a vocabulary (see the module docstring); returns the contents of vocabulary.json."""
+    """Fit and write a vocabulary and its naming sheet; returns the contents of vocabulary.json.
+
+    Args:
+        labels: output folders of `predict` (png format) whose videos hold prototypes.
+        num_classes: G, the number of global classes.
+        out: the vocabulary folder (created).
+        seed: seed of the initialisation sample and the k-means++ draws.
+        sample_size, n_init, passes: see `kmeans.fit_streaming`.
+        frame_source: (video id, frame name) -> the source frame, for the naming sheet's overlays
+            (None: the examples show the label's mask on grey).
+        examples_per_class: typical examples on each class's contact sheet.
+    """
     if num_classes < 1:
         raise ValueError(f"Expected `--num_classes` to be a positive integer, but got {num_classes}.")
     corpus = Corpus.scan([Path(p) for p in labels])
@@ -175,6 +192,9 @@ def fit_vocabulary(
     tmp_json = out / f".{VOCABULARY_JSON}.tmp"
     tmp_json.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp_json, out / VOCABULARY_JSON)
+    from .sheet import write_sheets  # (sheet imports this module)
+
+    write_sheets(out, corpus, centroids, classes, frame_source, examples_per_class)
     return record
 
 
