@@ -24,7 +24,7 @@ from vss_lightning.data.datamodule import (
     VideoShardDataset,
     rank_and_world_size,
     resolve_shards,
-    shards_for,
+    split_by_rank,
 )
 from vss_lightning.data.format import (
     FailedSample,
@@ -174,8 +174,19 @@ def test_shard_naming_imports_no_torch_or_lightning() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def shards_for(
+    urls: list[str], rank: int, world: int, worker: int, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """The shards one worker of one rank reads: the dataset's own shard-list and split stages (the
+    first three of its pipeline), with the DataLoader worker given as webdataset's WORKER env vars."""
+    monkeypatch.setenv("WORKER", str(worker))
+    monkeypatch.setenv("NUM_WORKERS", str(workers))
+    stages = VideoShardDataset(urls, rank=rank, world_size=world).pipeline[:3]
+    return [item["url"] for item in wds.DataPipeline(stages)]
+
+
 @pytest.mark.parametrize("num_shards", [1, 3, 7])
-def test_rank_worker_split_is_exact_once(num_shards: int) -> None:
+def test_rank_worker_split_is_exact_once(num_shards: int, monkeypatch: pytest.MonkeyPatch) -> None:
     urls = [f"s{i}" for i in range(num_shards)]
     for world in (1, 2, 4):
         for workers in (1, 2, 3):
@@ -183,10 +194,21 @@ def test_rank_worker_split_is_exact_once(num_shards: int) -> None:
                 u
                 for r in range(world)
                 for w in range(workers)
-                for u in shards_for(urls, r, world, w, workers)
+                for u in shards_for(urls, r, world, w, workers, monkeypatch)
             ]
             assert sorted(got) == urls  # zero shards for some rank/worker is fine
-            assert shards_for(urls, 0, world, 0, workers) == urls[:: world * workers][: len(urls)]
+            first = shards_for(urls, 0, world, 0, workers, monkeypatch)
+            assert first == urls[:: world * workers][: len(urls)]
+
+
+def test_node_split_takes_the_rank_given_not_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's launcher sets no RANK: the rank comes from the Trainer, never from the environment."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert list(split_by_rank(range(7), 1, 3)) == [1, 4]
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        split_by_rank(range(7), 3, 3)
+    assert isinstance(VideoShardDataset(["a.tar"]), wds.DataPipeline)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -1,25 +1,32 @@
 """Read WebDataset shards of the `format` schema: one `VideoSample` (or `FailedSample`) per step.
 
-Pipeline per DataLoader worker: the sorted shard urls (`shards.resolve_shards`), split by rank then
-by worker, go through `reader.tar_samples` (raw samples: only the schema's fields are read, their
-sizes checked from the tar headers first; nothing is ever unpickled), each mapped with
-`format.decode_sample`. The loader uses `batch_size=None` and a pass-through `collate_fn`: a step's
-batch is the dataclass itself. Order is never shuffled: within a worker, shards are read in order and
-samples in tar order, so the clips of a video (written consecutively into one shard by data_tools)
-arrive in order.
+The dataset (`VideoShardDataset`) is a `webdataset.DataPipeline` of five stages, run in each
+DataLoader worker:
+
+    wds.SimpleShardList(urls)   the sorted shard urls (`shards.resolve_shards`, shared with evaluate)
+    split_by_rank(rank, W)      this rank's shards: rank, rank + W, rank + 2W, ... (see below)
+    wds.split_by_worker         this worker's share of those, the same way over the rank's workers
+    read_shards                 the guarded tar stage: raw samples via `reader.read_shard` (only the
+                                schema's fields are read, sizes checked from the tar headers first;
+                                nothing is ever unpickled); a shard that cannot be read on becomes a
+                                `FailedSample` in the stream, as does one with fewer samples than its
+                                `manifest.json` lists
+    decode_samples              `format.decode_sample` per raw sample; a failure is a `FailedSample`
+
+The loader uses `batch_size=None` and a pass-through `collate_fn`: a step's batch is the dataclass
+itself. Order is never shuffled: within a worker, shards are read in order and samples in tar order,
+so the clips of a video (written consecutively into one shard by data_tools) arrive in order.
 
 Split strategy (every shard, hence every video, read exactly once):
-    The shard urls are sorted (brace patterns, globs, lists and manifest.json all end up sorted) and
-    dealt round-robin, first over ranks (rank r of W gets shards r, r + W, r + 2W, ...), then over the
-    DataLoader workers of that rank (worker w of N gets the w-th, (w + N)-th, ... of those). Rank and
-    world size are taken when the DataLoader is built, from the attached Trainer (global rank, world
-    size over all nodes), else `torch.distributed` if initialised, else the `RANK`/`WORLD_SIZE`
-    environment variables, else 0/1; they are passed to the workers explicitly, so this works with
-    fork and spawn workers alike. A rank or worker may get zero shards (fewer shards than
-    `world_size * num_workers`): it yields nothing and ends normally; no error, and no hang as long as
-    the LightningModule runs no per-step collective. Balance needs `#shards >= world_size *
-    num_workers` (better a multiple of it) of similar size: `python -m data_tools ...
-    --max-videos-per-shard N` or a smaller `--shard-size` makes many small shards.
+    The sorted shard urls are dealt round-robin, first over ranks, then over the DataLoader workers
+    of that rank (`wds.split_by_worker`: worker w of N gets the w-th, (w + N)-th, ... of the rank's
+    shards). Rank and world size are taken when the DataLoader is built (`rank_and_world_size`: the
+    attached Trainer's, else torch.distributed's, else RANK/WORLD_SIZE, else 0/1) and passed to the
+    workers in the `split_by_rank` stage, which says why `wds.split_by_node` is not used as is. A
+    rank or worker may get zero shards (fewer shards than `world_size * num_workers`): it yields
+    nothing and ends normally; no error, and no hang as long as the LightningModule runs no per-step
+    collective. Balance needs `#shards >= world_size * num_workers` (better a multiple of it) of
+    similar size: `python -m data_tools ... --max-videos-per-shard N` or a smaller `--shard-size`.
 
 Memory per worker is bounded by about two decoded samples: tar members are streamed (no shard is read
 into memory as a whole), one raw sample is grouped and decoded at a time, and the loader keeps at most
@@ -30,12 +37,13 @@ headers and metadata before anything large is read or decoded); split long video
 `VideoSample.ignored_fields` (in `summary.json` as `ignored_fields`), logged once per shard.
 
 Errors: a sample that fails to decode (`SampleError`: corrupt frame, wrong label size, missing
-`meta.json`, ...) or a shard that cannot be read (missing, truncated, not a tar) becomes a
-`FailedSample` (key, shard url, message, video id if known) in the stream with `on_error="skip"`, so
-the job records it; with `"fail"` it raises `SampleError`. Samples before a truncation point are
-delivered, the ones after it are lost, and the `FailedSample` names the shard. When the shard's folder
-holds the `manifest.json` of data_tools, a shard that yields fewer samples than the manifest lists
-(e.g. cut exactly at a member boundary, which tar itself cannot detect) is reported the same way.
+`meta.json`, ...) or a shard that cannot be read (missing, truncated, not a tar, empty, past a tar
+limit) becomes a `FailedSample` (key, shard url, message, video id if known) in the stream with
+`on_error="skip"`, so the job records it; with `"fail"` it raises `SampleError`. Samples before a
+truncation point are delivered, the ones after it are lost, and the `FailedSample` names the shard.
+When the shard's folder holds the `manifest.json` of data_tools, a shard that yields fewer samples
+than the manifest lists (e.g. cut exactly at a member boundary, which tar itself cannot detect) is
+reported the same way.
 """
 
 from __future__ import annotations
@@ -43,12 +51,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from functools import partial
 from itertools import islice
 from typing import Any, Literal, TypeVar
 
 import lightning as L
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+import webdataset as wds
+from torch.utils.data import DataLoader
 
 from .format import (
     DEFAULT_MAX_FRAMES,
@@ -65,7 +75,7 @@ from .reader import (
     DEFAULT_MAX_SHARD_BYTES,
     EmptyShardError,
     TarLimitError,
-    tar_samples,
+    read_shard,
 )
 from .shards import MANIFEST, DatasetInfo, dataset_info, resolve_shards
 
@@ -80,29 +90,17 @@ T = TypeVar("T")
 
 
 def split_by_rank(src: Iterable[T], rank: int, world_size: int) -> Iterator[T]:
-    """Round-robin share of rank `rank` out of `world_size`: items rank, rank + W, rank + 2W, ..."""
+    """The node-split stage: round-robin share of rank `rank` of `world_size` (items rank, rank + W, ...).
+
+    `wds.split_by_node` slices the same way but finds the rank itself: from RANK/WORLD_SIZE, which
+    Lightning's launcher does not set (it sets LOCAL_RANK, NODE_RANK, WORLD_SIZE), else from the
+    process group, which a DataLoader worker sees only when forked (not under the spawn or forkserver
+    start methods); without either it gives every rank every shard. Here the rank is passed in, taken
+    from the Trainer when the DataLoader is built, so each shard is read exactly once.
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"Expected `rank` to be in [0, {world_size}), but got {rank}.")
     return islice(src, rank, None, world_size)
-
-
-def split_by_worker(
-    src: Iterable[T], worker: int | None = None, num_workers: int | None = None
-) -> Iterator[T]:
-    """Round-robin share of one DataLoader worker (by default the current one; all items outside workers)."""
-    if worker is None or num_workers is None:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    if not 0 <= worker < num_workers:
-        raise ValueError(f"Expected `worker` to be in [0, {num_workers}), but got {worker}.")
-    return islice(src, worker, None, num_workers)
-
-
-def shards_for(
-    urls: list[str], rank: int, world_size: int, worker: int = 0, num_workers: int = 1
-) -> list[str]:
-    """The shards one worker of one rank reads (the composition of the two splitters)."""
-    return list(split_by_worker(split_by_rank(urls, rank, world_size), worker, num_workers))
 
 
 def rank_and_world_size(trainer: Any = None) -> tuple[int, int]:
@@ -126,6 +124,69 @@ def rank_and_world_size(trainer: Any = None) -> tuple[int, int]:
     return 0, 1
 
 
+def _report(failed: FailedSample, on_error: str, exn: Exception | None = None) -> FailedSample:
+    """`failed` for the stream (on_error="skip"), or raised as `SampleError` (on_error="fail")."""
+    if on_error == "fail":
+        raise SampleError(failed.error) from exn
+    return failed
+
+
+def _shard_error(url: str, exn: Exception) -> str:
+    what = str(exn)
+    if isinstance(exn, EmptyShardError):
+        return (
+            f"Expected shard {url!r} to hold at least one sample, but {what}. Check the pattern in "
+            "`--data.shards`, or rebuild the shard with `python -m data_tools`."
+        )
+    if isinstance(exn, TarLimitError):
+        return (
+            f"Expected the tar headers of shard {url!r} to stay within the reader's limits, but "
+            f"{what}. Samples before it were delivered; the rest of this shard was not read. Raise "
+            "`--data.max_header_bytes` / `--data.max_shard_bytes` only if the shard is trusted."
+        )
+    return (
+        f"Expected shard {url!r} to be a readable, complete tar file, but reading it failed with "
+        f"{type(exn).__name__}: {what}. Samples before the damage were delivered; the rest of "
+        "this shard is lost. Rebuild it with `python -m data_tools`."
+    )
+
+
+def read_shards(
+    src: Iterable[dict[str, Any] | str],
+    on_error: Literal["skip", "fail"] = "skip",
+    expected: dict[str, int] | None = None,
+    **limits: int,
+) -> Iterator[dict[str, Any] | FailedSample]:
+    """The guarded tar stage: each shard's raw samples (`reader.read_shard`), then, if it is damaged
+    or holds fewer samples than its manifest lists (`expected`), one `FailedSample` naming it.
+
+    Args:
+        src: shard urls or `{"url": ...}` dicts (as `wds.SimpleShardList` and the splitters pass them).
+        on_error: "skip" puts the `FailedSample` in the stream, "fail" raises `SampleError`.
+        expected: samples per shard url from the manifests, or None.
+        limits: `max_pixels`, `max_frames`, `max_sample_pixels`, `max_header_bytes`,
+            `max_shard_bytes` for `reader.read_shard`.
+    """
+    for item in src:
+        url = item["url"] if isinstance(item, dict) else str(item)
+        count = 0
+        try:
+            for raw in read_shard(url, **limits):
+                count += 1
+                yield raw
+        except Exception as exn:  # noqa: BLE001 - whatever a damaged shard raises is reported
+            yield _report(FailedSample(key="", url=url, error=_shard_error(url, exn)), on_error, exn)
+            continue
+        want = (expected or {}).get(url)
+        if want is not None and count < want:
+            msg = (
+                f"Expected shard {url!r} to hold {want} samples as its {MANIFEST} says, but only "
+                f"{count} could be read: the shard is truncated (or was rewritten after the manifest). "
+                "The samples read were delivered; rebuild the shard with `python -m data_tools`."
+            )
+            yield _report(FailedSample(key="", url=url, error=msg), on_error)
+
+
 def _peek_video_id(raw: dict[str, Any]) -> str | None:
     try:
         return VideoMeta.from_json(raw["meta.json"]).video_id
@@ -133,103 +194,47 @@ def _peek_video_id(raw: dict[str, Any]) -> str | None:
         return None
 
 
-class _Stream:
-    """The state of one iteration in one worker: the shards opened so far, samples read per shard,
-    read errors waiting to be emitted."""
+def decode_samples(
+    src: Iterable[dict[str, Any] | FailedSample],
+    on_error: Literal["skip", "fail"] = "skip",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
+) -> Iterator[VideoSample | FailedSample]:
+    """The decode stage: `format.decode_sample` per raw sample; `FailedSample`s pass through.
 
-    def __init__(self, ds: VideoShardDataset) -> None:
-        self.ds = ds
-        self.opened: list[str] = []
-        self.counts: dict[str, int] = {}
-        self.broken: set[str] = set()
-        self.pending: list[FailedSample] = []
-        self.checked = 0
-        self.warned: set[str] = set()
-
-    def worker_split(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for item in split_by_worker(src):
-            self.opened.append(item["url"] if isinstance(item, dict) else str(item))
-            yield item
-
-    def handle(self, exn: Exception) -> bool:
-        """Error handler of `reader.tar_samples` for shard-level errors (open, tar read)."""
-        url = self.opened[-1] if self.opened else "<no shard opened yet>"
-        what = str(exn)
-        if isinstance(exn, EmptyShardError):
-            msg = (
-                f"Expected shard {url!r} to hold at least one sample, but {what}. Check the pattern in "
-                "`--data.shards`, or rebuild the shard with `python -m data_tools`."
-            )
-        elif isinstance(exn, TarLimitError):
-            msg = (
-                f"Expected the tar headers of shard {url!r} to stay within the reader's limits, but "
-                f"{what}. Samples before it were delivered; the rest of this shard was not read. Raise "
-                "`--data.max_header_bytes` / `--data.max_shard_bytes` only if the shard is trusted."
-            )
-        else:
-            msg = (
-                f"Expected shard {url!r} to be a readable, complete tar file, but reading it failed with "
-                f"{type(exn).__name__}: {what}. Samples before the damage were delivered; the rest of "
-                "this shard is lost. Rebuild it with `python -m data_tools`."
-            )
-        if self.ds.on_error == "fail":
-            raise SampleError(msg) from exn
-        if url not in self.broken:  # one report per shard; later errors are echoes of the first
-            self.broken.add(url)
-            self.pending.append(FailedSample(key="", url=url, error=msg))
-        return True
-
-    def _fail(self, failed: FailedSample, exn: Exception | None = None) -> FailedSample:
-        if self.ds.on_error == "fail":
-            raise SampleError(failed.error) from exn
-        return failed
-
-    def _flush(self, upto: str | None) -> Iterator[FailedSample]:
-        """Emit pending read errors, then check the shards finished before `upto` (None: all)."""
-        pending, self.pending = self.pending, []
-        yield from pending
-        end = self.opened.index(upto) if upto in self.opened else len(self.opened)
-        for url in self.opened[self.checked : end]:
-            want, got = self.ds.expected.get(url), self.counts.get(url, 0)
-            if url not in self.broken and want is not None and got < want:
-                msg = (
-                    f"Expected shard {url!r} to hold {want} samples as its {MANIFEST} says, but only "
-                    f"{got} could be read: the shard is truncated (or was rewritten after the manifest). "
-                    "The samples read were delivered; rebuild the shard with `python -m data_tools`."
-                )
-                yield self._fail(FailedSample(key="", url=url, error=msg))
-        self.checked = max(self.checked, end)
-
-    def _decode(self, raw: dict[str, Any]) -> VideoSample | FailedSample:
+    A sample that fails to decode becomes a `FailedSample` (on_error="skip") or raises `SampleError`
+    ("fail"). Members outside the schema are logged once per shard.
+    """
+    warned: set[str] = set()
+    for raw in src:
+        if isinstance(raw, FailedSample):
+            yield raw
+            continue
         key, url = str(raw.get("__key__", "")), str(raw.get("__url__", ""))
         try:
-            sample = decode_sample(raw, self.ds.max_pixels, self.ds.max_frames, self.ds.max_sample_pixels)
+            sample = decode_sample(raw, max_pixels, max_frames, max_sample_pixels)
         except _DECODE_ERRORS as e:
             msg = str(e) if isinstance(e, SampleError) else (
                 f"Expected sample {key!r} of shard {url!r} to decode, but got {type(e).__name__}: {e}. "
                 "Rebuild the shard with `python -m data_tools`."
             )  # fmt: skip
-            return self._fail(FailedSample(key=key, url=url, error=msg, video_id=_peek_video_id(raw)), e)
-        if sample.ignored_fields and url not in self.warned:
-            self.warned.add(url)
+            failed = FailedSample(key=key, url=url, error=msg, video_id=_peek_video_id(raw))
+            yield _report(failed, on_error, e)
+            continue
+        if sample.ignored_fields and url not in warned:
+            warned.add(url)
             log.warning(
                 f"Shard {url!r}: sample {key!r} holds {sample.ignored_fields} member(s) outside the sample "
                 "schema (e.g. pickles); they were not read. Counted per video in summary.json "
                 "(`ignored_fields`); logged once per shard."
             )
-        return sample
-
-    def run(self, src: Iterable[dict[str, Any]]) -> Iterator[VideoSample | FailedSample]:
-        for raw in src:
-            url = str(raw.get("__url__", ""))
-            yield from self._flush(url)
-            self.counts[url] = self.counts.get(url, 0) + 1
-            yield self._decode(raw)
-        yield from self._flush(None)
+        yield sample
 
 
-class VideoShardDataset(IterableDataset):
-    """The samples of one rank's share of the shards, split further over DataLoader workers.
+class VideoShardDataset(wds.DataPipeline):
+    """The samples of one rank's share of the shards, split further over DataLoader workers: the
+    `wds.DataPipeline` of the module docstring (picklable, for spawned workers).
 
     Args:
         urls: all shard urls (every rank passes the same list; it is sorted here).
@@ -257,29 +262,23 @@ class VideoShardDataset(IterableDataset):
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     ) -> None:
-        super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"Expected `rank` to be in [0, `world_size`={world_size}), but got {rank}.")
-        if len(set(urls)) != len(urls):
-            raise ValueError("Expected each shard url once in `urls`, but some repeat.")
+        if not urls or len(set(urls)) != len(urls):
+            raise ValueError(f"Expected `urls` to name at least one shard, each once, but got {urls!r}.")
         if on_error not in ("skip", "fail"):
             raise ValueError(f"Expected `on_error` to be 'skip' or 'fail', but got {on_error!r}.")
+        size = {"max_pixels": max_pixels, "max_frames": max_frames, "max_sample_pixels": max_sample_pixels}
+        tar = {"max_header_bytes": max_header_bytes, "max_shard_bytes": max_shard_bytes}
         self.urls = sorted(urls)
-        self.rank, self.world_size = rank, world_size
-        self.max_pixels, self.max_frames, self.on_error = max_pixels, max_frames, on_error
-        self.max_sample_pixels = max_sample_pixels
-        self.max_header_bytes, self.max_shard_bytes = max_header_bytes, max_shard_bytes
-        self.expected = dict(expected or {})
-
-    def __iter__(self) -> Iterator[VideoSample | FailedSample]:
-        stream = _Stream(self)
-        urls = ({"url": url} for url in self.urls)
-        mine = stream.worker_split(split_by_rank(urls, self.rank, self.world_size))
-        raw = tar_samples(
-            mine, stream.handle, self.max_pixels, self.max_frames, self.max_sample_pixels,
-            self.max_header_bytes, self.max_shard_bytes,
-        )  # fmt: skip
-        return stream.run(raw)
+        super().__init__(
+            wds.SimpleShardList(self.urls),
+            partial(split_by_rank, rank=rank, world_size=world_size),
+            wds.split_by_worker,
+            partial(read_shards, on_error=on_error, expected=dict(expected or {}), **size, **tar),
+            partial(decode_samples, on_error=on_error, **size),
+        )
+        self.rank, self.world_size, self.on_error = rank, world_size, on_error
 
 
 def _passthrough(sample: T) -> T:
@@ -377,6 +376,12 @@ class VideoShardDataModule(L.LightningDataModule):
     def dataset(self) -> VideoShardDataset:
         """This rank's dataset (rank and world size are taken now, see the module docstring)."""
         rank, world_size = rank_and_world_size(self.trainer)
+        if "WORKER" in os.environ and "NUM_WORKERS" in os.environ:
+            log.warning(
+                "WORKER and NUM_WORKERS are set in the environment: `wds.split_by_worker` takes the "
+                "DataLoader worker from them instead of PyTorch, so every worker of this rank reads the "
+                "same shards unless they are set per worker. Unset them to read each shard once."
+            )
         return VideoShardDataset(
             self.urls, rank, world_size, self.max_pixels, self.max_frames, self.on_error, self._expected,
             self.max_sample_pixels, self.max_header_bytes, self.max_shard_bytes,

@@ -1,13 +1,14 @@
 """Raw samples from tar shards: only the fields of the sample schema are read, sizes checked first.
 
-`tar_samples` takes the place of WebDataset's `tar_file_expander` + `group_by_keys`, which read every
-member into memory whole, whatever its name or size; a compressed shard (`.tar.gz`, which `tarfile`
-opens transparently) can expand a small file into gigabytes. Here each member's size comes from its
-tar header, and a member is read only when it is a schema field (`format.is_schema_field`) that fits:
+`read_shard` and `tar_samples` take the place of WebDataset's `tar_file_expander` + `group_by_keys`,
+which read every member into memory whole, whatever its name or size; a compressed shard (`.tar.gz`,
+which `tarfile` opens transparently) can expand a small file into gigabytes. Here each member's size
+comes from its tar header, and a member is read only when it is a schema field
+(`format.is_schema_field`) that fits:
 
 - a symbolic or hard link member is never followed: as a schema field it fails its sample with a
   `Refused` naming the link; otherwise it is counted as ignored like the next item;
-- a valid tar holding no sample at all is reported (`EmptyShardError` to `handler`);
+- a valid tar holding no sample at all is reported (`EmptyShardError`);
 - any other member (a pickle, a `.pth`, notes, ...) is skipped unread and counted in the sample's
   `__ignored__` field (`format.decode_sample` adds it to `VideoSample.ignored_fields`; the first few
   field names are kept in `__ignored_names__` for messages);
@@ -18,13 +19,15 @@ tar header, and a member is read only when it is a schema field (`format.is_sche
 Tar headers are bounded too (`GuardedTarInfo`), before anything they announce is read: a PAX or
 GNU long-name header larger than `max_header_bytes` (`tarfile` reads those whole into memory), and a
 member that would take the shard's decompressed stream past `max_shard_bytes`, stop the shard with
-`TarLimitError` (handed to `handler`, the samples before it delivered). The stream is decompressed
+`TarLimitError` (the samples before it delivered). The stream is decompressed
 and skipped in fixed-size blocks, so memory stays bounded whatever a compressed shard expands to.
 
 Members are grouped into samples by the part of their name before the first dot of the base name,
-as WebDataset does (`base_plus_ext`), in tar order. A shard that cannot be opened or read on to its
-end is handed to `handler` (as WebDataset handlers are: return True to go on with the next shard);
-the sample being read when the damage was found is still yielded, so its decoding names it.
+as WebDataset does (`base_plus_ext`), in tar order. `read_shard` reads one shard and raises when it
+cannot be opened or read on to its end, after yielding the sample being read when the damage was
+found (so its decoding names it). `tar_samples` is the same over a stream of shards with a WebDataset
+error handler (return True to go on with the next shard); the DataModule's pipeline stage
+(`datamodule.read_shards`) calls `read_shard` itself, to report each shard's error in the stream.
 """
 
 from __future__ import annotations
@@ -111,6 +114,79 @@ def sample_byte_limit(max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS) -> int
     return MAX_META_BYTES + BYTES_PER_SAMPLE_PIXEL * max_sample_pixels
 
 
+def read_shard(
+    url: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Iterator[dict[str, Any]]:
+    """Yield the samples of one shard: `{"__key__", "__url__", "__ignored__", field: bytes, ...}`.
+
+    Raises whatever a shard that cannot be opened or read on to its end raises (`TarLimitError`,
+    `EmptyShardError`, `tarfile.ReadError`, `OSError`, ...), after yielding the sample being read when
+    the damage was found (so its decoding says what is missing).
+
+    Args:
+        url: the shard (a path or a url `webdataset.gopen` opens).
+        max_pixels: largest frame (H * W); bounds each image member's bytes (`field_byte_limit`).
+        max_frames: a sample keeps at most `2 * max_frames + 1` schema fields (frames, labels, meta).
+        max_sample_pixels: bounds the bytes of one sample (`sample_byte_limit`).
+        max_header_bytes: largest PAX or GNU long-name header (`GuardedTarInfo`).
+        max_shard_bytes: largest decompressed tar stream of the shard, checked from each header
+            before its member is read or skipped.
+    """
+    max_fields = 2 * max_frames + 1
+    max_bytes = sample_byte_limit(max_sample_pixels)
+    info_class = _guarded(max_header_bytes, max_shard_bytes)
+    sample: dict[str, Any] | None = None
+    try:
+        with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=info_class) as tar:
+            yielded = nbytes = 0
+            for info in tar:
+                tar.members = []  # stream mode keeps every header otherwise
+                if info.offset_data + info.size > max_shard_bytes:  # before it is read or skipped
+                    raise TarLimitError(
+                        f"member {info.name[:200]!r} at byte {info.offset} ends at byte "
+                        f"{info.offset_data + info.size}, past {max_shard_bytes} decompressed bytes, the "
+                        "limit per shard (`max_shard_bytes`); it was not read"
+                    )
+                link = info.issym() or info.islnk()
+                key, field = base_plus_ext(info.name) if info.isreg() or link else (None, None)
+                if key is None:  # directories, devices, names without a key
+                    continue
+                field = field.lower()
+                if sample is None or sample["__key__"] != key:
+                    if sample is not None:
+                        yield sample
+                    sample, nbytes = {"__key__": key, "__url__": url, "__ignored__": 0}, 0
+                    yielded += 1
+                if link and is_schema_field(field):  # never followed: its sample fails, saying why
+                    kind = "symbolic" if info.issym() else "hard"
+                    sample[field] = Refused(
+                        f"member {info.name[:200]!r} is a {kind} link (to {info.linkname[:200]!r}), "
+                        "which is never followed; store the file itself in the shard"
+                    )
+                    continue
+                if link or not is_schema_field(field):
+                    sample["__ignored__"] += 1
+                    if len(sample.setdefault("__ignored_names__", [])) < 8:  # for messages
+                        sample["__ignored_names__"].append(field)
+                    continue
+                nbytes += _BLOCK + -(-info.size // _BLOCK) * _BLOCK
+                sample[field] = _read(tar, info, field, sample, nbytes, max_bytes, max_fields, max_pixels)
+        last, sample = sample, None
+        if last is not None:
+            yield last
+        if yielded == 0:
+            raise EmptyShardError("it is a valid tar file but holds no sample")
+    except Exception:
+        if sample is not None:
+            yield sample  # read up to the damage; decoding it says what is missing
+        raise
+
+
 def tar_samples(
     src: Iterable[dict[str, Any] | str],
     handler: Callable[[Exception], bool] = reraise,
@@ -120,67 +196,22 @@ def tar_samples(
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Iterator[dict[str, Any]]:
-    """Open each shard and yield its samples: `{"__key__", "__url__", "__ignored__", field: bytes, ...}`.
+    """`read_shard` over a stream of shards, as a WebDataset pipeline stage with a WebDataset handler.
 
     Args:
         src: shard urls, or dicts with a "url" (as WebDataset's shard lists and splitters pass them).
         handler: called with the exception when a shard cannot be opened or read on; True goes on with
             the next shard, False stops.
-        max_pixels: largest frame (H * W); bounds each image member's bytes (`field_byte_limit`).
-        max_frames: a sample keeps at most `2 * max_frames + 1` schema fields (frames, labels, meta).
-        max_sample_pixels: bounds the bytes of one sample (`sample_byte_limit`).
-        max_header_bytes: largest PAX or GNU long-name header (`GuardedTarInfo`).
-        max_shard_bytes: largest decompressed tar stream of one shard, checked from each header
-            before its member is read or skipped.
+        max_pixels, max_frames, max_sample_pixels, max_header_bytes, max_shard_bytes: as in
+            `read_shard`.
     """
-    max_fields = 2 * max_frames + 1
-    max_bytes = sample_byte_limit(max_sample_pixels)
-    info_class = _guarded(max_header_bytes, max_shard_bytes)
     for item in src:
         url = item["url"] if isinstance(item, dict) else str(item)
-        sample: dict[str, Any] | None = None
         try:
-            with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=info_class) as tar:
-                nbytes = yielded = 0
-                for info in tar:
-                    tar.members = []  # stream mode keeps every header otherwise
-                    if info.offset_data + info.size > max_shard_bytes:  # before it is read or skipped
-                        raise TarLimitError(
-                            f"member {info.name[:200]!r} at byte {info.offset} ends at byte "
-                            f"{info.offset_data + info.size}, past {max_shard_bytes} decompressed bytes, the "
-                            "limit per shard (`max_shard_bytes`); it was not read"
-                        )
-                    link = info.issym() or info.islnk()
-                    key, field = base_plus_ext(info.name) if info.isreg() or link else (None, None)
-                    if key is None:  # directories, devices, names without a key
-                        continue
-                    field = field.lower()
-                    if sample is None or sample["__key__"] != key:
-                        if sample is not None:
-                            yield sample
-                        sample, nbytes = {"__key__": key, "__url__": url, "__ignored__": 0}, 0
-                        yielded += 1
-                    if link and is_schema_field(field):  # never followed: its sample fails, saying why
-                        kind = "symbolic" if info.issym() else "hard"
-                        sample[field] = Refused(
-                            f"member {info.name[:200]!r} is a {kind} link (to {info.linkname[:200]!r}), "
-                            "which is never followed; store the file itself in the shard"
-                        )
-                        continue
-                    if link or not is_schema_field(field):
-                        sample["__ignored__"] += 1
-                        if len(sample.setdefault("__ignored_names__", [])) < 8:  # for messages
-                            sample["__ignored_names__"].append(field)
-                        continue
-                    nbytes += _BLOCK + -(-info.size // _BLOCK) * _BLOCK
-                    sample[field] = _read(tar, info, field, sample, nbytes, max_bytes, max_fields, max_pixels)
-            if sample is not None:
-                yield sample
-            if yielded == 0:
-                raise EmptyShardError("it is a valid tar file but holds no sample")
+            yield from read_shard(
+                url, max_pixels, max_frames, max_sample_pixels, max_header_bytes, max_shard_bytes
+            )
         except Exception as exn:  # noqa: BLE001 - whatever a damaged shard raises goes to the handler
-            if sample is not None:
-                yield sample  # read up to the damage; decoding it says what is missing
             if not handler(exn):
                 break
 
