@@ -22,7 +22,7 @@ from vss_lightning.vocabulary.prototypes import (
     PrototypeError,
     VideoPrototypes,
 )
-from vss_lightning.vocabulary.sheet import load_names, typical_examples
+from vss_lightning.vocabulary.sheet import load_names, shard_frames, typical_examples
 
 DIM, CLASSES = 64, 8
 # Noise of a prototype around its class direction: per-channel sigma 0.08 on unit class vectors in 64
@@ -265,3 +265,16 @@ def test_typical_examples_are_the_prototypes_closest_to_their_centroid(tmp_path)
             best[g].append(c)
     for g in range(CLASSES):
         assert [e.cosine for e in examples[g]] == pytest.approx(sorted(best[g], reverse=True)[:2])
+
+
+def test_shard_frames_reads_the_wanted_frames_from_the_input_shards(tmp_path):
+    import io
+
+    from shards import jpeg, make_video, video_samples, write_shard
+
+    video = make_video("a", 3)
+    write_shard(tmp_path / "s-000000.tar", video_samples(video) + video_samples(make_video("b", 2, seed=1)))
+    got = shard_frames(str(tmp_path / "s-000000.tar"), {("a", "a_f0001"), ("b", "nope")})
+    assert list(got) == [("a", "a_f0001")]
+    want = np.asarray(Image.open(io.BytesIO(jpeg(video.frames[1]))).convert("RGB"))
+    np.testing.assert_array_equal(got[("a", "a_f0001")], want)

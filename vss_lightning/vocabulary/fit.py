@@ -122,6 +122,7 @@ def fit_vocabulary(
     passes: int = 10,
     frame_source: FrameSource | None = None,
     examples_per_class: int = 8,
+    shards: str | list[str] | None = None,
 ) -> dict:
     """Fit and write a vocabulary and its naming sheet; returns the contents of vocabulary.json.
 
@@ -134,6 +135,8 @@ def fit_vocabulary(
         frame_source: (video id, frame name) -> the source frame, for the naming sheet's overlays
             (None: the examples show the label's mask on grey).
         examples_per_class: typical examples on each class's contact sheet.
+        shards: the corpus's input shards, read once for the naming sheet's frames (when no
+            `frame_source` is given).
     """
     if num_classes < 1:
         raise ValueError(f"Expected `--num_classes` to be a positive integer, but got {num_classes}.")
@@ -194,7 +197,7 @@ def fit_vocabulary(
     os.replace(tmp_json, out / VOCABULARY_JSON)
     from .sheet import write_sheets  # (sheet imports this module)
 
-    write_sheets(out, corpus, centroids, classes, frame_source, examples_per_class)
+    write_sheets(out, corpus, centroids, classes, frame_source, examples_per_class, shards)
     return record
 
 

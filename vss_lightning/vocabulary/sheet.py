@@ -67,9 +67,39 @@ def typical_examples(corpus: Corpus, centroids: torch.Tensor, per_class: int) ->
     return [sorted(h, reverse=True) for h in heaps]
 
 
-def _example_image(ex: Example, colour: np.ndarray, frame_source: FrameSource | None) -> np.ndarray:
+def _frame_name(ex: Example) -> str:
     done = json.loads((ex.folder / "DONE").read_text())
-    name = (done.get("frame_names") or [])[ex.frame]
+    return (done.get("frame_names") or [])[ex.frame]
+
+
+def shard_frames(shards: str | list[str], wanted: set[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:
+    """The `wanted` (video id, frame name) frames, read in one pass over the input shards.
+
+    Args:
+        shards: the shards the corpus was labelled from (as `--data.shards` names them).
+        wanted: the frames to keep; all others are decoded and dropped at once.
+
+    Returns:
+        (H, W, 3) uint8 frames by (video id, frame name); frames not found are absent.
+    """
+    from vss_lightning.data.datamodule import VideoShardDataset
+    from vss_lightning.data.format import VideoSample
+    from vss_lightning.data.shards import resolve_shards
+
+    urls, expected = resolve_shards(shards, "--shards")
+    videos = {vid for vid, _ in wanted}
+    found: dict[tuple[str, str], np.ndarray] = {}
+    for sample in VideoShardDataset(urls, expected=expected):
+        if not isinstance(sample, VideoSample) or sample.video_id not in videos:
+            continue  # a failed sample costs only its example's frame (grey instead)
+        for i, name in enumerate(sample.meta.frame_names):
+            if (sample.video_id, name) in wanted:
+                found[(sample.video_id, name)] = sample.frames[i].permute(1, 2, 0).numpy().copy()
+    return found
+
+
+def _example_image(ex: Example, colour: np.ndarray, frame_source: FrameSource | None) -> np.ndarray:
+    name = _frame_name(ex)
     with Image.open(ex.folder / f"{name}.png") as im:
         labels = np.asarray(im)
     mask = (labels == ex.label).astype(np.uint8)
@@ -98,12 +128,20 @@ def write_sheets(
     classes: list[dict],
     frame_source: FrameSource | None = None,
     per_class: int = 8,
+    shards: str | list[str] | None = None,
 ) -> Path:
-    """Write the contact sheets and `index.html` into `vocab`; returns the page's path."""
+    """Write the contact sheets and `index.html` into `vocab`; returns the page's path.
+
+    Frames come from `frame_source`, else from one pass over `shards` (the corpus's input shards),
+    else the examples show the label's mask on grey.
+    """
     vocab = Path(vocab)
     (vocab / SHEETS).mkdir(parents=True, exist_ok=True)
     palette = distinct_palette(256)
     examples = typical_examples(corpus, centroids, per_class)
+    if frame_source is None and shards is not None:
+        frames = shard_frames(shards, {(ex.video_id, _frame_name(ex)) for exs in examples for ex in exs})
+        frame_source = lambda video_id, name: frames.get((video_id, name))  # noqa: E731
     for g, exs in enumerate(examples):
         images = [_example_image(ex, palette[g % 256], frame_source) for ex in exs]
         sheet = contact_sheet(images) if images else np.full((THUMB, THUMB, 3), 255, np.uint8)
