@@ -7,7 +7,9 @@ Both run `lightning_cli.VSSLightningCLI` (subcommands predict, test, validate; t
 method has no trainable parameter). Lightning AI's cloud SDK (`lightning-sdk`) also installs a script
 named `lightning`; ours hands every subcommand it does not own to that SDK's CLI when the SDK is
 installed, so both keep working. This module imports only the standard library at import time, so
-handing over (and the errors below) cost no Lightning or diffusers import.
+handing over (and the errors below) cost no Lightning or diffusers import; neither do `--help` and a
+misspelled option key, answered from the committed snapshot of the parser (`cli_schema`) when it
+matches the installed libraries and this package's source.
 """
 
 from __future__ import annotations
@@ -48,10 +50,18 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return (BackboneNotFoundError, MisconfigurationException, ValueError, OSError)
 
 
+def epilog(prog: str) -> str:
+    """The text under `prog --help`: the hand-over to lightning-sdk for our `lightning` script."""
+    return SDK_EPILOG if prog == "lightning" else ""
+
+
 def main(args: list[str] | None = None, prog: str = "vss-lightning") -> None:
     """Entry point of `vss-lightning` and `python -m vss_lightning` (args default to `sys.argv[1:]`).
 
     `--verbose` (anywhere on the command line) shows the traceback of an error instead of one line.
+    `[SUBCOMMAND] --help` and misspelled option keys are answered from the committed snapshot of the
+    parser (`cli_schema`) and `--help`/`--print_config` seen before from the cache (`help_cache`),
+    all without importing torch or Lightning; anything else builds the full parser.
     """
     argv = list(sys.argv[1:] if args is None else args)
     verbose = VERBOSE_FLAG in argv
@@ -59,23 +69,35 @@ def main(args: list[str] | None = None, prog: str = "vss-lightning") -> None:
     if argv and argv[0] == "fit":
         print(NO_FIT.format(prog=prog), file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-    from vss_lightning import help_cache
+    from vss_lightning import cli_schema, help_cache
 
     asks_help = help_cache.is_help_request(argv)
-    if asks_help:  # `--help`/`--print_config` seen before: printed without importing torch or Lightning
-        cached = help_cache.lookup(argv, prog)
-        if cached is not None:
-            sys.stdout.write(cached)
+    if asks_help:
+        with help_cache.help_width() as columns:  # the key and the rendering use the same width
+            text = help_cache.lookup(argv, prog)
+            if text is None:
+                text = cli_schema.lookup_help(argv, prog, columns)
+                if text is not None:
+                    help_cache.store(argv, prog, text)
+        if text is not None:
+            sys.stdout.write(text)
             raise SystemExit(0)
+    else:
+        mistake = cli_schema.precheck(argv, prog)
+        if mistake is not None:
+            sys.stderr.write(mistake)
+            raise SystemExit(EXIT_USAGE)
     from vss_lightning.lightning_cli import failed_videos, run_cli
 
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = argv
     user_errors = user_error_types()
     try:
-        epilog = SDK_EPILOG if prog == "lightning" else ""
-        with help_cache.recording(argv, prog) if asks_help else contextlib.nullcontext():
-            cli = run_cli(None if args is None else argv, prog=prog, epilog=epilog)
+        with contextlib.ExitStack() as help_request:
+            if asks_help:
+                help_request.enter_context(help_cache.help_width())
+                help_request.enter_context(help_cache.recording(argv, prog))
+            cli = run_cli(None if args is None else argv, prog=prog, epilog=epilog(prog))
     except user_errors as e:
         if verbose:
             raise

@@ -10,6 +10,13 @@ with nothing but the standard library. Standard library only: imported before an
 The cache lives in `$VSS_LIGHTNING_CACHE` (default `~/.cache/vss_lightning/cli`); set
 `VSS_LIGHTNING_CACHE=off` to disable it. Entries are plain text files named by their key's hash;
 deleting the folder is always safe.
+
+The plain `[SUBCOMMAND] --help` does not even need a first run: `cli_schema` answers it from the
+snapshot committed with the package (and the CLI stores that answer here too). This cache is what
+makes `--help --config FILE`, `--print_config` and other widths fast after their first run.
+
+Width: every help the CLI prints is rendered for `help_columns()` columns (`help_width()` sets
+`$COLUMNS`, which argparse reads, while it renders), so the snapshot and the full parser agree.
 """
 
 from __future__ import annotations
@@ -28,6 +35,38 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 RENDERING_LIBRARIES = ("lightning", "jsonargparse", "torch")
 HELP_FLAGS = ("-h", "--help", "--print_config")
+
+
+HELP_COLUMNS = 100  # the width of the committed snapshot (cli_schema)
+
+
+def help_columns() -> int:
+    """The width of `--help`: `$COLUMNS` when set, else the terminal's width when it is narrower
+    than `HELP_COLUMNS`, else `HELP_COLUMNS` (also when the output is not a terminal)."""
+    value = os.environ.get("COLUMNS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        if sys.stdout.isatty():
+            return min(HELP_COLUMNS, os.get_terminal_size(sys.stdout.fileno()).columns)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return HELP_COLUMNS
+
+
+@contextlib.contextmanager
+def help_width(columns: int | None = None) -> Iterator[int]:
+    """Render help at `columns` (default `help_columns()`): sets `$COLUMNS`, restored on exit."""
+    width = help_columns() if columns is None else columns
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)
+    try:
+        yield width
+    finally:
+        if before is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = before
 
 
 def cache_dir() -> Path | None:
@@ -64,9 +103,7 @@ def cache_key(argv: list[str], prog: str) -> str | None:
         versions = [(name, importlib.metadata.version(name)) for name in RENDERING_LIBRARIES]
     except (OSError, importlib.metadata.PackageNotFoundError):
         return None
-    blob = json.dumps(
-        [argv, prog, os.getcwd(), sys.version, sources, configs, versions, os.environ.get("COLUMNS")]
-    )
+    blob = json.dumps([argv, prog, os.getcwd(), sys.version, sources, configs, versions, help_columns()])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -1,0 +1,225 @@
+"""The CLI's fast path (issue 20): `--help` and misspelled option keys are answered from the committed
+snapshot of the parser (`vss_lightning/cli_schema.json`) without importing torch, Lightning or
+diffusers, exactly as the full parser answers them, and never from a snapshot that is stale."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from shards import CONFIGS, subprocess_env
+
+from vss_lightning import cli, cli_schema, cli_schema_build
+
+# In-process CLI calls pass `args` while pytest's own argv is set: Lightning warns, harmlessly.
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+
+SMOKE = str(CONFIGS / "smoke.yaml")
+HEAVY = ("torch", "lightning", "diffusers", "jsonargparse")
+
+# Run in a fresh process (the help texts list the imported subclasses of Callback, Logger, ...; the
+# test process has imported more): `predict --help` through `cli.main` while the snapshot is stale
+# (the fallback to the full parser), then a snapshot rendered now.
+RENDER = """
+import contextlib, io, json, sys
+from vss_lightning import cli, cli_schema_build
+before = "torch" in sys.modules
+out = io.StringIO()
+code = None
+with contextlib.redirect_stdout(out):
+    try:
+        cli.main(["predict", "--help"])
+    except SystemExit as e:
+        code = e.code
+after = "torch" in sys.modules
+schema = cli_schema_build.build_schema()
+print(json.dumps({"schema": schema, "help": out.getvalue(), "code": code, "before": before, "after": after}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> dict:
+    """A snapshot rendered now by the full parser (also saved as `path`), and the full path's output."""
+    folder = tmp_path_factory.mktemp("cli_schema")
+    stale = folder / "stale.json"
+    stale.write_text(json.dumps({"format": cli_schema.FORMAT, "versions": {"lightning": "0.0"}}))
+    env = subprocess_env(VSS_LIGHTNING_CACHE="off", VSS_LIGHTNING_SCHEMA=str(stale))
+    env.pop("COLUMNS", None)
+    done = subprocess.run([sys.executable, "-c", RENDER], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["path"] = folder / "fresh.json"
+    result["path"].write_text(cli_schema_build.dumps(result["schema"]), encoding="utf-8")
+    return result
+
+
+def test_the_committed_snapshot_is_current(fresh):
+    try:
+        committed = json.loads(cli_schema.SCHEMA_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        committed = None
+    changed = ", ".join(cli_schema_build.differences(committed, fresh["schema"]))
+    assert committed == fresh["schema"], (
+        f"{cli_schema.SCHEMA_FILE} is stale ({changed}): run `{cli_schema.WRITE_COMMAND}` and commit it."
+    )
+
+
+def test_a_stale_snapshot_falls_back_to_the_full_parser_which_prints_the_same_help(fresh):
+    assert fresh["code"] in (0, None)
+    assert not fresh["before"] and fresh["after"]  # the full parser (and torch) answered
+    assert fresh["help"] == "\n".join(fresh["schema"]["progs"]["vss-lightning"]["help"]["predict"])
+    assert "--model.segmenter" in fresh["help"]
+
+
+def test_the_snapshot_is_used_only_when_versions_and_source_match(fresh, tmp_path, monkeypatch):
+    schema = fresh["schema"]
+    monkeypatch.setenv(cli_schema.SCHEMA_ENV, str(fresh["path"]))
+    assert cli_schema.stale_reason(schema) is None
+    assert cli_schema.load_schema() == schema
+    help_text = cli_schema.lookup_help(["predict", "--help"], "vss-lightning", columns=100)
+    assert help_text == "\n".join(schema["progs"]["vss-lightning"]["help"]["predict"])
+    mistake = ["predict", "--outptu_dir", "x"]
+    assert cli_schema.precheck(mistake, "vss-lightning") is not None
+
+    old = json.loads(json.dumps(schema))
+    old["versions"]["lightning"] = "0.0.1"
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps(old))
+    assert "lightning 0.0.1 (recorded)" in cli_schema.stale_reason(old)
+    monkeypatch.setenv(cli_schema.SCHEMA_ENV, str(stale))
+    assert cli_schema.load_schema() is None
+    assert cli_schema.lookup_help(["predict", "--help"], "vss-lightning", columns=100) is None
+    assert cli_schema.precheck(mistake, "vss-lightning") is None
+
+    monkeypatch.setenv(cli_schema.SCHEMA_ENV, str(fresh["path"]))
+    monkeypatch.setattr(cli_schema, "source_hash", lambda *a: "0" * 64)  # an edited source file
+    assert "source changed" in cli_schema.stale_reason(schema)
+    assert cli_schema.load_schema() is None
+    assert cli_schema.precheck(mistake, "vss-lightning") is None
+    monkeypatch.undo()
+    monkeypatch.setenv(cli_schema.SCHEMA_ENV, "off")
+    assert cli_schema.load_schema() is None
+
+
+def test_help_width_is_fixed_unless_columns_is_set(monkeypatch, fresh):
+    from vss_lightning import help_cache
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert help_cache.help_columns() == help_cache.HELP_COLUMNS == fresh["schema"]["columns"]  # not a tty
+    with help_cache.help_width() as width:
+        assert width == 100 and help_cache.help_columns() == 100
+    assert "COLUMNS" not in os.environ  # restored
+    monkeypatch.setenv("COLUMNS", "80")
+    assert help_cache.help_columns() == 80
+    assert cli_schema.lookup_help(["--help"], "vss-lightning", schema=fresh["schema"]) is None
+    assert cli_schema.lookup_help(["--help"], "vss-lightning", 100, fresh["schema"]) is not None
+    for argv in (["predict", "--config", SMOKE, "--help"], ["predict", "--print_config"], ["-h", "predict"]):
+        assert cli_schema.lookup_help(argv, "vss-lightning", 100, fresh["schema"]) is None
+
+
+PROBE = """
+import contextlib, io, json, sys
+from vss_lightning import cli
+results = []
+for prog, argv in json.loads(sys.argv[1]):
+    out, err, code = io.StringIO(), io.StringIO(), None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main(argv, prog=prog)
+        except SystemExit as e:
+            code = e.code
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps({"results": results, "heavy": [m for m in sys.argv[2:] if m in sys.modules]}))
+"""
+
+
+def test_help_and_a_misspelled_key_import_no_heavy_library(fresh, tmp_path):
+    """A fresh process answers `--help`, `predict --help` and a misspelled key from the snapshot: no
+    torch, Lightning, jsonargparse or diffusers import, the full parser's texts, exit statuses 0 and 2."""
+    misspelled = ["predict", "--config", SMOKE, "--model.segmenter.init_args.batch_sise", "3"]
+    calls = [
+        ["vss-lightning", ["--help"]],
+        ["vss-lightning", ["predict", "--help"]],
+        ["lightning", ["test", "-h"]],
+        ["vss-lightning", misspelled],
+    ]
+    env = subprocess_env(VSS_LIGHTNING_CACHE="off", VSS_LIGHTNING_SCHEMA=str(fresh["path"]))
+    env.pop("COLUMNS", None)
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(calls), *HEAVY], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["heavy"] == []
+    helps = fresh["schema"]["progs"]
+    for (prog, argv), (code, out, err) in zip(calls[:3], answer["results"][:3], strict=True):
+        sub = argv[0] if len(argv) == 2 else ""
+        assert code == 0 and err == "" and out == "\n".join(helps[prog]["help"][sub])
+    code, out, err = answer["results"][3]
+    assert code == cli.EXIT_USAGE and out == ""
+    assert err == cli_schema.precheck(misspelled, "vss-lightning", fresh["schema"])
+    assert err.splitlines()[0].endswith("Did you mean `--model.segmenter.init_args.batch_size`?")
+
+
+ANSWERED = [
+    ["predict", "--config", SMOKE, "--model.segmenter.init_args.batch_sise", "3"],
+    ["predict", "--outptu_dir", "x"],
+    ["predict", "--outptu_dir=x", "--foo", "y"],
+    ["test", "--model.label_mod", "cluster"],
+    ["validate", "--model.segmenter.init_args.modulation.strenght", "3"],
+    ["predict", "--model.segmenter.num_cluster=3"],
+    ["predict", "--outptu_dir", "x", "--model.segmenter.init_args.num_cluster", "3",
+     "--model.segmenter.init_args.batch_sise", "3"],
+    ["predict", "stray", "--write_previews", "--trainer.max_epoch", "3"],
+    ["predict", "-c", SMOKE, "--model.segmenterr", "x", "--data.num_workers", "0"],
+]  # fmt: skip
+DEFERRED = [  # the snapshot cannot decide these: the full parser answers
+    ["predict", "--model.segmenter.init_args.backbone.init_args.sed", "3"],
+    ["predict", "--trainer.max_epochs.foo", "3"],
+    ["predict", "--model.segmenter", "my.Seg", "--model.segmenter.init_args.batch_sise", "3"],
+    ["predict", "--config", "/nonexistent/config.yaml", "--outptu_dir", "x"],
+    ["predict", "--model.segmenter.init_args.zzzzzzzzzzzzzzzzzzzz", "3"],  # no close match
+]
+
+
+def _full(capsys, argv: list[str], prog: str) -> tuple[int, str]:
+    code = 0
+    try:
+        cli.main(argv, prog=prog)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prog", ["vss-lightning", "lightning"])
+def test_a_misspelled_key_gets_the_full_parsers_answer(fresh, capsys, monkeypatch, prog):
+    monkeypatch.setenv(cli_schema.SCHEMA_ENV, "off")  # the full parser
+    for argv in ANSWERED:
+        fast = cli_schema.precheck(argv, prog, fresh["schema"])
+        code, full = _full(capsys, argv, prog)
+        assert code == cli.EXIT_USAGE and fast == full, argv
+        assert full.startswith("error: ") and f"{prog} {argv[0]} --help lists every option" in full
+    for argv in DEFERRED if prog == "vss-lightning" else []:
+        assert cli_schema.precheck(argv, prog, fresh["schema"]) is None, argv
+        assert _full(capsys, argv, prog)[0] == cli.EXIT_USAGE, argv
+    for argv in (["predict", "--output_dir", "x", "--data.shards", "s"], ["predict", "--help"], ["fit"]):
+        assert cli_schema.precheck(argv, prog, fresh["schema"]) is None  # nothing to refuse here
+
+
+def test_the_did_you_mean_copy_agrees_with_the_cli(fresh):
+    from vss_lightning import lightning_cli
+
+    known = set(fresh["schema"]["known_sets"][0])
+    messages = [
+        "unrecognized arguments: --outptu_dir x --model.label_mod y",
+        "unrecognized arguments: --zzzz",
+        "Parser key \"model.segmenter\":\n  Problem with given class_path 'x':\n"
+        "    Parser key \"modulation\":\n      Option 'strenght' is not accepted",
+        "Key 'model.label_mod' is not expected",
+    ]
+    for message in messages:
+        assert cli_schema.did_you_mean(message, known) == lightning_cli.did_you_mean(message, known)
+        assert cli_schema._unknown_init_arg(message) == lightning_cli._unknown_init_arg(message)
