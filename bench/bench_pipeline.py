@@ -27,8 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vss_lightning.pipeline.backbone import RandomStableDiffusion, TinyStableDiffusion  # noqa: E402
 from vss_lightning.pipeline.modulation import ModulationSettings  # noqa: E402
+from vss_lightning.pipeline.random_backbones import RandomStableDiffusion, TinyStableDiffusion  # noqa: E402
 from vss_lightning.pipeline.segmenter import VideoSegmenter  # noqa: E402
 
 

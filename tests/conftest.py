@@ -65,6 +65,6 @@ def camvid_clip() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from vss_lightning.pipeline.backbone import TinyStableDiffusion
+    from vss_lightning.pipeline.random_backbones import TinyStableDiffusion
 
     return TinyStableDiffusion(seed=0).load("cpu")

@@ -7,12 +7,8 @@ import time
 import pytest
 import torch
 
-from vss_lightning.pipeline.backbone import (
-    BackboneNotFoundError,
-    RandomStableDiffusion,
-    StableDiffusion,
-    TinyStableDiffusion,
-)
+from vss_lightning.pipeline.backbone import BackboneNotFoundError, StableDiffusion
+from vss_lightning.pipeline.random_backbones import RandomStableDiffusion, TinyStableDiffusion
 
 
 def test_tiny_backbone_is_deterministic_and_has_sd_layer_names():

@@ -21,7 +21,7 @@ from shards import done_records, label_files, predict_args, reference_run, subpr
 from vss_lightning import cli
 from vss_lightning.data.datamodule import VideoShardDataModule
 from vss_lightning.module import ZeroShotVSS
-from vss_lightning.pipeline import backbone
+from vss_lightning.pipeline import backbone, random_backbones
 from vss_lightning.pipeline.modulation import ModulationSettings
 from vss_lightning.pipeline.segmenter import VideoSegmenter
 
@@ -48,7 +48,11 @@ def no_weights(monkeypatch):
     def refuse(self, device="cpu"):
         raise AssertionError("weights were loaded")
 
-    for cls in (backbone.StableDiffusion, backbone.TinyStableDiffusion, backbone.RandomStableDiffusion):
+    for cls in (
+        backbone.StableDiffusion,
+        random_backbones.TinyStableDiffusion,
+        random_backbones.RandomStableDiffusion,
+    ):
         monkeypatch.setattr(cls, "load", refuse)
 
 
@@ -63,8 +67,8 @@ def test_every_shipped_config_parses_fast_without_weights(name, overlay, capsys,
     seg = config["model"]["segmenter"]
     assert seg["class_path"] == "vss_lightning.pipeline.segmenter.VideoSegmenter"
     real = name != "smoke.yaml"
-    want = "StableDiffusion" if real else "TinyStableDiffusion"
-    assert seg["init_args"]["backbone"]["class_path"] == f"vss_lightning.pipeline.backbone.{want}"
+    want = "backbone.StableDiffusion" if real else "random_backbones.TinyStableDiffusion"
+    assert seg["init_args"]["backbone"]["class_path"] == f"vss_lightning.pipeline.{want}"
     if name in ("vspw.yaml", "cityscapes.yaml", "camvid.yaml"):
         assert (
             config["model"]["num_classes"]

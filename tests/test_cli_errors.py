@@ -198,11 +198,13 @@ def test_a_full_disk_fails_the_video_names_the_path_and_keeps_the_summary(tmp_pa
     itself ends the job with one line, no traceback."""
     import errno
 
-    import vss_lightning.io.writer as writer_module
+    import vss_lightning.io.files as files_module
+    import vss_lightning.io.png_store as png_module
+    import vss_lightning.io.summary as summary_module
 
     write_shard(tmp_path / "s-000000.tar", video_samples(make_video("full", 2, size=(64, 96)))
                 + video_samples(make_video("fine", 2, size=(64, 96), seed=1)))  # fmt: skip
-    real = writer_module.atomic_write
+    real = files_module.atomic_write
 
     def disk_full_for(name: str):
         def write(path, data):
@@ -213,7 +215,7 @@ def test_a_full_disk_fails_the_video_names_the_path_and_keeps_the_summary(tmp_pa
         return write
 
     out = tmp_path / "out"
-    monkeypatch.setattr(writer_module, "atomic_write", disk_full_for("/full/"))
+    monkeypatch.setattr(png_module, "atomic_write", disk_full_for("/full/"))
     code, lines = _run(capsys, predict_args(str(tmp_path / "s-000000.tar"), out))
     assert code == cli.EXIT_SOME_FAILED
     summary = json.loads((out / "summary.json").read_text())
@@ -223,7 +225,7 @@ def test_a_full_disk_fails_the_video_names_the_path_and_keeps_the_summary(tmp_pa
     )
     assert not (out / "full" / "DONE").exists() and (out / "fine" / "DONE").exists()
 
-    monkeypatch.setattr(writer_module, "atomic_write", disk_full_for("summary.json"))
+    monkeypatch.setattr(summary_module, "atomic_write", disk_full_for("summary.json"))
     code, lines = _run(capsys, predict_args(str(tmp_path / "s-000000.tar"), tmp_path / "out2"))
     error = _short(lines)
     assert code == cli.EXIT_ERROR and "No space left on device" in error and "summary.json" in error

@@ -13,11 +13,11 @@ from vss_lightning.pipeline.context import (
     SceneContextModel,
     first_frame_gt_labels,
     kmeans,
-    knn_predict,
     linf_normalize,
     per_frame_kmeans,
     resize_gt_to_grid,
 )
+from vss_lightning.pipeline.knn import knn_predict
 
 LABEL_SETS = [np.array([0, 1]), np.array([3, 7, 200]), np.array([4, 9]), np.array([0, 1, 2, 3, 255, 300])]
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from vss_lightning.pipeline.attention import AttentionControl
-from vss_lightning.pipeline.backbone import RandomStableDiffusion
 from vss_lightning.pipeline.context import kmeans
 from vss_lightning.pipeline.modulation import ModulationSettings
+from vss_lightning.pipeline.random_backbones import RandomStableDiffusion
 from vss_lightning.pipeline.sampler import resize_to_multiple
 from vss_lightning.pipeline.segmenter import VideoSegmenter
 
@@ -28,15 +28,15 @@ def cuda():
     return torch.device("cuda")
 
 
-def _pass(seg: VideoSegmenter, frames: torch.Tensor, prefix: bool = True):
+def _pass(seg: VideoSegmenter, frames: torch.Tensor):
+    """The unmodulated pass (the sampler decides prefix reuse from the segmenter's modulation settings)."""
     sm = seg.sampler
     x = resize_to_multiple(frames.to(seg.device))
     z0 = sm.encode(x)
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
     zt = sm.add_noise(z0.float(), noise.to(seg.device))
     layers = seg.feature_layers + [seg.cbr_layer]
-    extra = {"prefix_layer": seg.modulation.layer} if prefix else {}
-    rec = sm.unmodulated_pass(zt, AttentionControl(), layers, seg.feature_step, **extra)
+    rec = sm.unmodulated_pass(zt, sm.condition(x), AttentionControl(), layers, seg.feature_step)
     feats, _ = seg._features(rec, tuple(x.shape[-2:]))
     return rec, feats, tuple(x.shape[-2:])
 
@@ -70,7 +70,7 @@ def test_optimised_paths_equal_the_plain_path_on_gpu(cuda, swan_frames):
     seg = VideoSegmenter(backbone=RandomStableDiffusion(dtype="float16"), batch_size=4, num_clusters=6).load(
         cuda
     )
-    rec, feats, size = _pass(seg, frames, prefix=True)
+    rec, feats, size = _pass(seg, frames)
     coarse = kmeans(feats.flatten(0, 2), 6, n_init=2).view(feats.shape[:3])
     fast = _labels(seg, rec, coarse, size)  # prefix reuse + 56-image chunks
     plain_seg = VideoSegmenter(
@@ -81,9 +81,11 @@ def test_optimised_paths_equal_the_plain_path_on_gpu(cuda, swan_frames):
         modulation=ModulationSettings(reuse_prefix=False),
     )
     plain_seg._loaded, plain_seg._sampler = seg._loaded, None  # same weights, other settings
-    plain_seg._sampler = plain_seg.backbone.make_sampler(seg._loaded, max_batch_images=4)
+    plain_seg._sampler = plain_seg.backbone.make_sampler(
+        seg._loaded, plain_seg.modulation, max_batch_images=4
+    )
     plain_seg._modulation = plain_seg.backbone.make_modulation(plain_seg.modulation, plain_seg._sampler)
-    rec_plain, _, _ = _pass(plain_seg, frames, prefix=False)
+    rec_plain, _, _ = _pass(plain_seg, frames)
     plain = _labels(plain_seg, rec_plain, coarse, size)  # one unit (2 signs x 2 branches) per forward
     agree = (fast == plain).float().mean().item()
     print(f"optimised vs plain path: label agreement {agree:.6f}")

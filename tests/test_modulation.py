@@ -8,15 +8,10 @@ import torch
 from tolerance import assert_equal_up_to_rounding
 
 from vss_lightning.pipeline.attention import AttentionControl
-from vss_lightning.pipeline.modulation import (
-    MaskedModulation,
-    ModulationSettings,
-    decoder_block_layer,
-    difference_maps,
-    gaussian_blur,
-    upsample_labels,
-)
-from vss_lightning.pipeline.sampler import DiffusionSampler
+from vss_lightning.pipeline.modulation import ModulationSettings, decoder_block_layer
+from vss_lightning.pipeline.random_backbones import TinyStableDiffusion
+from vss_lightning.pipeline.scoring import difference_maps, gaussian_blur, upsample_labels
+from vss_lightning.pipeline.sd import SDModulation, SDSampler
 
 FEAT = "up_blocks.2.attentions.1.transformer_blocks.0.attn1"
 
@@ -24,11 +19,11 @@ FEAT = "up_blocks.2.attentions.1.transformer_blocks.0.attn1"
 @pytest.fixture(scope="module")
 def batch(tiny_backbone):
     """An unmodulated pass over 3 random 128x192 'frames' (latent 16x24, feature grid 8x12)."""
-    sm = DiffusionSampler(tiny_backbone, max_batch_images=64)
+    sm = SDSampler(tiny_backbone, max_batch_images=64)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 3, 128, 192, generator=g) * 2 - 1
     zt = sm.add_noise(sm.encode(x), torch.randn(3, 4, 16, 24, generator=g))
-    record = sm.unmodulated_pass(zt, AttentionControl(), [FEAT], 24)
+    record = sm.unmodulated_pass(zt, sm.condition(x), AttentionControl(), [FEAT], 24)
     return sm, record
 
 
@@ -41,7 +36,7 @@ def test_decoder_block_names():
 
 def test_zero_strength_with_injection_reproduces_the_unmodulated_pass(batch):
     sm, record = batch
-    mm = MaskedModulation(ModulationSettings(strength=0.0), sm)
+    mm = SDModulation(ModulationSettings(strength=0.0), sm)
     masks = torch.zeros(3, 8, 12)
     masks[:, 2:6, 3:9] = 1
     z = mm.run_units(record, torch.arange(3), masks, torch.ones(3))
@@ -52,7 +47,7 @@ def test_zero_strength_with_injection_reproduces_the_unmodulated_pass(batch):
 
 def test_modulation_changes_latents_and_signs_differ(batch):
     sm, record = batch
-    mm = MaskedModulation(ModulationSettings(strength=50.0, blend=False), sm)
+    mm = SDModulation(ModulationSettings(strength=50.0, blend=False), sm)
     masks = torch.ones(2, 8, 12)
     z = mm.run_units(record, torch.tensor([0, 0]), masks, torch.tensor([1.0, -1.0]))
     assert not torch.allclose(z[0], record.latents[24][0], atol=1e-3)
@@ -61,7 +56,7 @@ def test_modulation_changes_latents_and_signs_differ(batch):
 
 def test_blending_keeps_latents_outside_the_mask(batch):
     sm, record = batch
-    mm = MaskedModulation(ModulationSettings(strength=50.0, blend_steps=[22, 23, 24]), sm)
+    mm = SDModulation(ModulationSettings(strength=50.0, blend_steps=[22, 23, 24]), sm)
     masks = torch.zeros(1, 8, 12)
     masks[0, 2:5, 4:8] = 1
     z = mm.run_units(record, torch.tensor([1]), masks, torch.tensor([1.0]))
@@ -75,7 +70,7 @@ def test_difference_map_is_largest_inside_the_label_region(batch):
     # Blending after every step confines the +/- difference to the mask in latent space; the VAE
     # decoder spreads it only locally, so the map must peak inside the region.
     sm, record = batch
-    mm = MaskedModulation(ModulationSettings(strength=50.0, blend_steps=[22, 23, 24], mask_filter=False), sm)
+    mm = SDModulation(ModulationSettings(strength=50.0, blend_steps=[22, 23, 24], mask_filter=False), sm)
     masks = torch.zeros(2, 8, 12)
     masks[:, 1:4, 1:5] = 1  # top-left region
     z = mm.run_units(record, torch.tensor([2, 2]), masks, torch.tensor([1.0, -1.0]))
@@ -112,10 +107,10 @@ def test_batched_equals_one_at_a_time_and_absent_labels_cost_nothing(batch, tiny
     sm, record = batch
     coarse = _coarse()
     settings = ModulationSettings(strength=50.0)
-    big = MaskedModulation(settings, DiffusionSampler(tiny_backbone, max_batch_images=64)).labels(
+    big = SDModulation(settings, SDSampler(tiny_backbone, max_batch_images=64)).labels(
         record, coarse, (128, 192)
     )
-    small_mm = MaskedModulation(settings, DiffusionSampler(tiny_backbone, max_batch_images=4))
+    small_mm = SDModulation(settings, SDSampler(tiny_backbone, max_batch_images=4))
     seen = []
     real = small_mm.run_units
     monkeypatch.setattr(
@@ -133,7 +128,7 @@ def test_batched_equals_one_at_a_time_and_absent_labels_cost_nothing(batch, tiny
 def test_no_modulation_is_bilinear_upsampling(batch):
     sm, record = batch
     coarse = _coarse()
-    labels = MaskedModulation(ModulationSettings(enabled=False), sm).labels(record, coarse, (128, 192))
+    labels = SDModulation(ModulationSettings(enabled=False), sm).labels(record, coarse, (128, 192))
     assert torch.equal(labels, upsample_labels(coarse, (128, 192)))
     nearest = coarse.repeat_interleave(16, 1).repeat_interleave(16, 2)
     assert (labels == nearest).float().mean() > 0.9
@@ -142,7 +137,7 @@ def test_no_modulation_is_bilinear_upsampling(batch):
 def test_settings_are_validated(batch):
     sm, _ = batch
     with pytest.raises(ValueError, match="modulation.steps"):
-        MaskedModulation(ModulationSettings(steps=[3]), sm)
+        SDModulation(ModulationSettings(steps=[3]), sm)
     with pytest.raises(ValueError, match="odd"):
         gaussian_blur(torch.zeros(1, 4, 4), 4, 1.0)
 
@@ -156,16 +151,16 @@ def test_prefix_reuse_leaves_latents_and_labels_unchanged(tiny_backbone):
         "up_blocks.2.resnets.1",
         "up_blocks.2.attentions.0",
     ]
-    sm = DiffusionSampler(tiny_backbone, max_batch_images=4)  # chunked recording: 2 frames per forward
+    sm = SDSampler(tiny_backbone, max_batch_images=4)  # chunked recording: 2 frames per forward
+    reusing = SDSampler(tiny_backbone, max_batch_images=4, prefix_layer=layer)
     g = torch.Generator().manual_seed(5)
-    zt = sm.add_noise(
-        sm.encode(torch.rand(3, 3, 128, 192, generator=g) * 2 - 1), torch.randn(3, 4, 16, 24, generator=g)
-    )
-    plain = sm.unmodulated_pass(zt, AttentionControl(), [FEAT], 24)
-    reused = sm.unmodulated_pass(zt, AttentionControl(), [FEAT], 24, prefix_layer=layer)
+    x = torch.rand(3, 3, 128, 192, generator=g) * 2 - 1
+    zt = sm.add_noise(sm.encode(x), torch.randn(3, 4, 16, 24, generator=g))
+    plain = sm.unmodulated_pass(zt, sm.condition(x), AttentionControl(), [FEAT], 24)
+    reused = reusing.unmodulated_pass(zt, sm.condition(x), AttentionControl(), [FEAT], 24)
     assert reused.prefix is not None and set(reused.prefix.outputs) == set(reused.prefix.names)
     settings = ModulationSettings(strength=50.0)
-    mm = MaskedModulation(settings, sm)
+    mm = SDModulation(settings, sm)
     masks = torch.zeros(4, 8, 12)
     masks[:, 2:6, 3:9] = 1
     frames, signs = torch.tensor([2, 0, 2, 1]), torch.tensor([1.0, -1.0, -1.0, 1.0])
@@ -177,3 +172,23 @@ def test_prefix_reuse_leaves_latents_and_labels_unchanged(tiny_backbone):
     assert torch.equal(mm.labels(reused, coarse, (128, 192)), mm.labels(plain, coarse, (128, 192)))
     # the patched forwards are gone afterwards
     assert "forward" not in vars(tiny_backbone.unet.get_submodule("down_blocks.0"))
+
+
+def test_the_family_sets_up_the_pass_for_its_modulation(tiny_backbone):
+    family = TinyStableDiffusion()
+    sm = family.make_sampler(tiny_backbone, ModulationSettings(), max_batch_images=8)
+    assert sm.qk_layers == sm.layers and sm.prefix_layer == ModulationSettings().layer
+    plain = family.make_sampler(tiny_backbone, ModulationSettings(inject=False, reuse_prefix=False))
+    assert plain.qk_layers == [] and plain.prefix_layer is None
+    off = family.make_sampler(tiny_backbone, ModulationSettings(enabled=False))
+    assert off.qk_layers == [] and off.prefix_layer is None
+    assert isinstance(family.make_modulation(ModulationSettings(), sm), SDModulation)
+
+
+def test_a_record_without_qk_is_refused_for_injection(batch, tiny_backbone):
+    sm, record = batch
+    bare = SDSampler(tiny_backbone, qk_layers=[])
+    x = torch.zeros(3, 3, 128, 192)
+    no_qk = bare.unmodulated_pass(record.start_latent, bare.condition(x), AttentionControl(), [FEAT], 24)
+    with pytest.raises(ValueError, match="q/k for injection"):
+        SDModulation(ModulationSettings(), sm).labels(no_qk, _coarse(), (128, 192))

@@ -25,7 +25,7 @@ from vss_lightning.data.format import FailedSample, SampleError, VideoMeta, Vide
 from vss_lightning.io.summary import VideoFailed, VideoLabels, VideoSkipped
 from vss_lightning.io.writer import PseudoLabelWriter
 from vss_lightning.module import ZeroShotVSS, seed_key
-from vss_lightning.pipeline.backbone import TinyStableDiffusion
+from vss_lightning.pipeline.random_backbones import TinyStableDiffusion
 from vss_lightning.pipeline.segmenter import BatchLabels, VideoSegmenter
 
 
@@ -96,7 +96,7 @@ def test_clips_carry_the_state_of_the_same_video_then_drop_it():
     assert [c["key"] for c in long_calls] == ["long:0", "long:2", "long:4"]
     assert [c["context"] for c in long_calls] == [{}, {"clips": 1}, {"clips": 2}]
     assert long_calls[0]["state"] is long_calls[2]["state"]
-    assert module._states == {}  # dropped after the last clip
+    assert len(module.videos.states) == 0  # dropped after the last clip
 
 
 def test_first_frame_gt_needs_a_label_on_frame_0():
@@ -148,9 +148,7 @@ def test_complete_videos_are_skipped_before_the_pipeline_runs():
     module = ZeroShotVSS(seg)
     asked = []
     complete = {"done_video"}
-    module._writer = lambda: SimpleNamespace(
-        is_complete=lambda meta: asked.append(meta.video_id) or meta.video_id in complete
-    )
+    module.set_completeness_check(lambda meta: asked.append(meta.video_id) or meta.video_id in complete)
     out = module.run_sample(_sample("done_video"))
     assert isinstance(out, VideoSkipped) and out.frames == 3 and not seg.calls
     assert isinstance(module.run_sample(_sample("new_video")), VideoLabels)
@@ -319,3 +317,30 @@ def test_frame_listeners_hear_progress_inside_a_video():
     assert bar.postfix["video_frames"] == "8/30" and bar.postfix["video_fps"] == "2.00"
     assert bar.postfix["video_eta"] == "11s" and bar.postfix["video"] == "v"
     assert (_duration(3725), _duration(185), _duration(float("nan"))) == ("1h02m", "3m05s", "?")
+
+
+def test_clip_assembler_joins_in_order_and_reports_breaks():
+    """The one clip assembler: whole videos in clip order, a clip out of order ends the held run,
+    any-order mode (evaluate) completes on the last missing clip and refuses a repeat."""
+    from vss_lightning.clips import ClipAssembler, ClipOrderError
+
+    def clip(vid, k, n):
+        return VideoMeta(vid, ["f"], [(1, 1)], clip_index=k, num_clips=n)
+
+    stream: ClipAssembler[str] = ClipAssembler()
+    assert stream.add(clip("a", 0, 3), "a0") == [] and stream.follows(clip("a", 1, 3))
+    assert stream.add(clip("b", 0, 1), "b0")[0].parts == ["b0"]  # an unsplit video is whole at once
+    assert stream.add(clip("a", 1, 3), "a1") == [] and stream.last("a") == "a1"
+    (whole,) = stream.add(clip("a", 2, 3), "a2")
+    assert whole.parts == ["a0", "a1", "a2"] and whole.complete and len(stream) == 0
+    stream.add(clip("c", 0, 3), "c0")
+    # Clip 1 missing: the held run ends, incomplete; clip 2, the last, ends a run of its own.
+    broken, last = stream.add(clip("c", 2, 3), "c2")
+    assert (broken.parts, last.parts, last.clips) == (["c0"], ["c2"], [2])
+    assert not broken.complete and not last.complete and stream.pending() == []
+    any_order: ClipAssembler[str] = ClipAssembler(any_order=True)
+    assert any_order.add(clip("d", 1, 2), "d1") == []
+    with pytest.raises(ClipOrderError):
+        any_order.add(clip("d", 1, 2), "again")
+    (run,) = any_order.add(clip("d", 0, 2), "d0")
+    assert run.parts == ["d0", "d1"] and run.complete

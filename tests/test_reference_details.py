@@ -10,15 +10,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vss_lightning.pipeline.backbone import TinyStableDiffusion
-from vss_lightning.pipeline.modulation import (
-    LabelVote,
-    ModulationSettings,
-    difference_maps,
-    filter_by_mask,
-    upsample_labels,
-)
-from vss_lightning.pipeline.sampler import DiffusionSampler, resize_to_multiple
+from vss_lightning.pipeline.modulation import ModulationSettings
+from vss_lightning.pipeline.random_backbones import TinyStableDiffusion
+from vss_lightning.pipeline.sampler import resize_to_multiple
+from vss_lightning.pipeline.scoring import LabelVote, difference_maps, filter_by_mask, upsample_labels
+from vss_lightning.pipeline.sd import SDModulation, SDSampler
 from vss_lightning.pipeline.segmenter import VideoSegmenter, noise_seed
 
 
@@ -151,16 +147,16 @@ def test_no_modulation_baseline_is_one_bilinear_upsampling_to_the_frame_size():
 
 def test_modulated_labels_come_at_the_requested_output_size(tiny_backbone):
     from vss_lightning.pipeline.attention import AttentionControl
-    from vss_lightning.pipeline.modulation import MaskedModulation
 
-    sm = DiffusionSampler(tiny_backbone, max_batch_images=64)
+    sm = SDSampler(tiny_backbone, max_batch_images=64)
     g = torch.Generator().manual_seed(0)
-    zt = sm.add_noise(sm.encode(torch.rand(2, 3, 64, 128, generator=g) * 2 - 1), torch.randn(2, 4, 8, 16))
+    x = torch.rand(2, 3, 64, 128, generator=g) * 2 - 1
+    zt = sm.add_noise(sm.encode(x), torch.randn(2, 4, 8, 16))
     feat = "up_blocks.2.attentions.1.transformer_blocks.0.attn1"
-    record = sm.unmodulated_pass(zt, AttentionControl(), [feat], 24)
+    record = sm.unmodulated_pass(zt, sm.condition(x), AttentionControl(), [feat], 24)
     coarse = torch.zeros(2, 4, 8, dtype=torch.long)
     coarse[:, :, 4:] = 2
-    mm = MaskedModulation(ModulationSettings(), sm)
+    mm = SDModulation(ModulationSettings(), sm)
     at_frame = mm.labels(record, coarse, (64, 128), (75, 150))
     at_image = mm.labels(record, coarse, (64, 128))
     assert at_frame.shape == (2, 75, 150) and at_image.shape == (2, 64, 128)
@@ -172,11 +168,11 @@ def test_modulated_labels_come_at_the_requested_output_size(tiny_backbone):
 
 # -- VAE posterior: mean or seeded sample -------------------------------------------------------------
 def test_vae_sample_is_seeded_and_differs_from_the_mean(tiny_backbone):
-    sm = DiffusionSampler(tiny_backbone, vae_batch_images=2)
+    sm = SDSampler(tiny_backbone, vae_batch_images=2)
     x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mean = sm.encode(x)
     a = sm.encode(x, torch.Generator().manual_seed(5))
-    b = DiffusionSampler(tiny_backbone, vae_batch_images=8).encode(x, torch.Generator().manual_seed(5))
+    b = SDSampler(tiny_backbone, vae_batch_images=8).encode(x, torch.Generator().manual_seed(5))
     c = sm.encode(x, torch.Generator().manual_seed(6))
     assert torch.equal(sm.encode(x), mean)
     # same seed, other chunking: the same eps, the encoder's float32 rounding only

@@ -7,7 +7,8 @@ import torch
 from tolerance import assert_equal_up_to_rounding
 
 from vss_lightning.pipeline.attention import AttentionControl
-from vss_lightning.pipeline.sampler import DiffusionSampler, resize_to_multiple
+from vss_lightning.pipeline.sampler import resize_to_multiple
+from vss_lightning.pipeline.sd import SDSampler
 
 
 def test_resize_to_multiple_floors_sizes():
@@ -22,7 +23,7 @@ def test_resize_to_multiple_floors_sizes():
 
 
 def test_schedule_is_trailing_and_noising_matches_diffusers(tiny_backbone):
-    sm = DiffusionSampler(tiny_backbone)
+    sm = SDSampler(tiny_backbone)
     assert sm.timesteps.tolist() == [999 - 40 * i for i in range(25)]
     assert list(sm.steps) == [22, 23, 24]
     z0 = torch.randn(2, 4, 8, 8)
@@ -34,10 +35,10 @@ def test_schedule_is_trailing_and_noising_matches_diffusers(tiny_backbone):
 
 def test_cfg_step_equals_diffusers_euler_step(tiny_backbone):
     bb = tiny_backbone
-    sm = DiffusionSampler(bb, guidance_scale=5.0)
+    sm = SDSampler(bb, guidance_scale=5.0)
     sched = bb.scheduler
     x = torch.randn(3, 4, 8, 12, generator=torch.Generator().manual_seed(0))
-    ours = sm.cfg_step(x, 22)
+    ours = sm.cfg_step(x, 22, sm.condition(torch.zeros(3, 3, 64, 96)))
     sched.set_timesteps(25)
     sched.set_begin_index(22)
     t = sched.timesteps[22]
@@ -54,12 +55,10 @@ def test_cfg_step_equals_diffusers_euler_step(tiny_backbone):
 def test_unmodulated_pass_records_every_decoder_layer_and_is_chunk_invariant(tiny_backbone):
     z = torch.randn(3, 4, 8, 12, generator=torch.Generator().manual_seed(3))
     feat = "up_blocks.2.attentions.1.transformer_blocks.0.attn1"
-    big = DiffusionSampler(tiny_backbone, max_batch_images=64).unmodulated_pass(
-        z, AttentionControl(), [feat], 24
-    )
-    small = DiffusionSampler(tiny_backbone, max_batch_images=2).unmodulated_pass(
-        z, AttentionControl(), [feat], 24
-    )
+    big_sm, small_sm = (SDSampler(tiny_backbone, max_batch_images=n) for n in (64, 2))
+    cond = big_sm.condition(torch.zeros(3, 3, 64, 96))
+    big = big_sm.unmodulated_pass(z, cond, AttentionControl(), [feat], 24)
+    small = small_sm.unmodulated_pass(z, cond, AttentionControl(), [feat], 24)
     assert sorted(big.qk) == [22, 23, 24] and sorted(big.latents) == [22, 23, 24]
     # 6 decoder transformer blocks (the tiny UNet's up_blocks.1-2; SD 2.1 has 9) x (self, cross)
     assert len(big.qk[22]) == 12 and all(n.startswith(("up_blocks.1.", "up_blocks.2.")) for n in big.qk[22])
@@ -73,3 +72,15 @@ def test_unmodulated_pass_records_every_decoder_layer_and_is_chunk_invariant(tin
         assert_equal_up_to_rounding(big.latents[step], small.latents[step], 1000, f"latents {step}")
         assert_equal_up_to_rounding(big.qk[step][feat][0], small.qk[step][feat][0], 1000, f"q {step}")
     assert_equal_up_to_rounding(big.features[feat], small.features[feat], 1000, "features")
+
+
+def test_the_pass_records_only_the_qk_layers_it_is_given(tiny_backbone):
+    z = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(4))
+    feat = "up_blocks.2.attentions.1.transformer_blocks.0.attn1"
+    sm = SDSampler(tiny_backbone, qk_layers=[])
+    record = sm.unmodulated_pass(z, sm.condition(torch.zeros(2, 3, 64, 96)), AttentionControl(), [feat], 24)
+    assert record.qk == {} and record.features[feat].shape[0] == 2 and record.conditioning is not None
+    with pytest.raises(ValueError, match="qk_layers"):
+        SDSampler(tiny_backbone, qk_layers=["down_blocks.1.attentions.0.transformer_blocks.0.attn1"])
+    with pytest.raises(ValueError, match="start_step"):
+        SDSampler(tiny_backbone, start_step=25)

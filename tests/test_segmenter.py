@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vss_lightning.pipeline.backbone import TinyStableDiffusion
 from vss_lightning.pipeline.modulation import ModulationSettings
+from vss_lightning.pipeline.random_backbones import TinyStableDiffusion
 from vss_lightning.pipeline.segmenter import VideoSegmenter, VideoState, batch_starts
 
 

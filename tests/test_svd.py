@@ -17,18 +17,15 @@ from tolerance import assert_equal_up_to_rounding
 from vss_lightning import cli
 from vss_lightning.pipeline.attention import AttentionControl, installed_processors
 from vss_lightning.pipeline.backbone import BackboneNotFoundError
-from vss_lightning.pipeline.modulation import MaskedModulation, decoder_block_layer
-from vss_lightning.pipeline.sampler import DiffusionSampler
-from vss_lightning.pipeline.segmenter import VideoSegmenter
-from vss_lightning.pipeline.svd import (
+from vss_lightning.pipeline.modulation import decoder_block_layer
+from vss_lightning.pipeline.random_backbones import (
     SVD_SCHEDULER_CONFIG,
     RandomStableVideoDiffusion,
-    StableVideoDiffusion,
-    SVDSampler,
-    SVDSettings,
     TinyStableVideoDiffusion,
-    svd_block_layer,
 )
+from vss_lightning.pipeline.sd import SDModulation, SDSampler
+from vss_lightning.pipeline.segmenter import VideoSegmenter
+from vss_lightning.pipeline.svd import StableVideoDiffusion, SVDSampler, SVDSettings, svd_block_layer
 from vss_lightning.pipeline.svd_modulation import SVDModulation, svd_modulation_settings
 
 FEATS = [svd_block_layer(b, "self") for b in (6, 7, 8)]
@@ -73,12 +70,15 @@ def batch():
     bb = TinyStableVideoDiffusion(seed=0).load("cpu")
     for m in (bb.unet, bb.vae, bb.image_encoder):
         m.to(torch.float64)
-    sm = SVDSampler(bb, start_step=17, max_batch_images=64)
-    SVDModulation(svd_modulation_settings(), sm)  # records the temporal self-attention q/k
-    z0 = sm.encode(_frames(2).double())
+    # the family's sampler for the paper's settings: records the temporal self-attention q/k
+    sm = TinyStableVideoDiffusion().make_sampler(
+        bb, svd_modulation_settings(), start_step=17, max_batch_images=64
+    )
+    x = _frames(2).double()
+    z0 = sm.encode(x)
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     zt = sm.add_noise(z0, noise)
-    record = sm.unmodulated_pass(zt, AttentionControl(), FEATS, 24)
+    record = sm.unmodulated_pass(zt, sm.condition(x), AttentionControl(), FEATS, 24)
     return sm, record
 
 
@@ -189,7 +189,7 @@ def test_conditioning_equals_the_diffusers_pipeline(tiny_svd):
     )
     arr = np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)
     x = torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
-    cond = sm.condition(x)
+    cond = sm.condition(x[None])
     with torch.no_grad():
         embedding = pipe._encode_image(Image.fromarray(arr), "cpu", 1, False)
         noise = torch.randn((1, 3, 64, 128), generator=torch.Generator().manual_seed(3))
@@ -208,9 +208,10 @@ def test_vae_sample_is_seeded_and_the_conditioning_stays_the_mode(tiny_svd):
     sm = SVDSampler(tiny_svd, start_step=17)
     x = _frames(2)
     mean = sm.encode(x)
-    cond = sm.conditioning.image_latent
+    cond = sm.condition(x).image_latent
     a = sm.encode(x, torch.Generator().manual_seed(3))
-    assert torch.equal(sm.conditioning.image_latent, cond)  # first-frame conditioning: the mode
+    # the first-frame conditioning is the posterior mode, whatever `encode` draws
+    assert torch.equal(sm.condition(x).image_latent, cond)
     b = sm.encode(x, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and not torch.allclose(a, mean, atol=1e-3)
 
@@ -218,7 +219,7 @@ def test_vae_sample_is_seeded_and_the_conditioning_stays_the_mode(tiny_svd):
 def test_one_cfg_step_equals_the_pipeline_loop_with_scheduler_step(tiny_svd):
     sm = SVDSampler(tiny_svd, start_step=17)
     g = torch.Generator().manual_seed(4)
-    cond = sm.condition(_frames(1)[0])
+    cond = sm.condition(_frames(1))
     x = torch.randn(1, 3, 4, 8, 16, generator=g) * float(sm.sigmas[19])
     sched = EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG)
     sched.set_timesteps(25)
@@ -302,7 +303,7 @@ def test_zero_strength_with_injection_reproduces_the_unmodulated_pass(batch):
     masks = (torch.rand(2, 2, 4, 8, generator=torch.Generator().manual_seed(7)) > 0.5).double()
     out = mm.run_units(record, masks, torch.tensor([1.0, -1.0]))
     assert out.shape == (2, 2, 4, 8, 16)
-    assert set(record.qk[17]) == set(mm.inject_layers) and all("temporal" in n for n in mm.inject_layers)
+    assert set(record.qk[17]) == set(sm.qk_layers) and all("temporal" in n for n in sm.qk_layers)
     for u in range(2):
         assert_equal_up_to_rounding(out[u], record.latents[24], SVD_FLOAT64_AMPLIFICATION, f"unit {u}")
 
@@ -332,12 +333,22 @@ def test_settings_are_checked(batch, tiny_backbone):
     with pytest.raises(ValueError, match="layer_types"):
         SVDModulation(svd_modulation_settings(layer_types=[]), sm)
     with pytest.raises(ValueError, match="layer_types"):  # SD has no temporal attention
-        MaskedModulation(
-            svd_modulation_settings(steps=[22], blend_steps=[22]), DiffusionSampler(tiny_backbone)
-        )
-    fresh = SVDSampler(sm.bb, start_step=17)
-    with pytest.raises(RuntimeError, match="Expected `encode`"):
-        fresh.unmodulated_pass(record.start_latent, AttentionControl(), FEATS, 24)
+        SDModulation(svd_modulation_settings(steps=[22], blend_steps=[22]), SDSampler(tiny_backbone))
+    other_size = sm.condition(_frames(1, 128, 128).double())
+    with pytest.raises(ValueError, match="conditioning of the batch"):
+        sm.unmodulated_pass(record.start_latent, other_size, AttentionControl(), FEATS, 24)
+
+
+def test_the_family_gives_its_sampler_the_injected_layers(batch):
+    sm, _ = batch
+    family = TinyStableVideoDiffusion()
+    temporal = family.make_sampler(sm.bb, svd_modulation_settings(), start_step=17)
+    assert temporal.qk_layers and all(".temporal_transformer_blocks." in n for n in temporal.qk_layers)
+    assert all(n.endswith(".attn1") for n in temporal.qk_layers)
+    both = family.make_sampler(sm.bb, svd_modulation_settings(inject_layer_types=["spatial", "temporal"]))
+    assert set(both.qk_layers) == {n for n in both.layers if n.endswith(".attn1")}
+    assert family.make_sampler(sm.bb, svd_modulation_settings(inject=False), start_step=17).qk_layers == []
+    assert isinstance(family.make_modulation(svd_modulation_settings(), temporal), SVDModulation)
 
 
 # -- configs and the method end to end --------------------------------------------------------------

@@ -205,7 +205,7 @@ def test_previews_without_frames_are_palette_pngs_and_clips_out_of_order_restart
     assert len(list((tmp_path / "nof").glob("preview.*"))) == 1
     # A video whose last clip never comes leaves no video and no temporary file behind.
     writer.handle(*_clip("cut", 2, 0, 2, 0))
-    writer._finish(SimpleNamespace(), SimpleNamespace(logger=None))
+    writer.on_stage_end(SimpleNamespace(), SimpleNamespace(logger=None), "predict")
     left = sorted(p.name for p in (tmp_path / "cut").iterdir())
     assert left == [
         "clip-0000.done",

@@ -15,7 +15,8 @@ from vss_lightning.data.format import encode_png
 from vss_lightning.vocabulary import kmeans
 from vss_lightning.vocabulary.__main__ import main
 from vss_lightning.vocabulary.apply import apply_vocabulary
-from vss_lightning.vocabulary.fit import VOCABULARY_JSON, Corpus, fit_vocabulary, load_vocabulary
+from vss_lightning.vocabulary.corpus import Corpus
+from vss_lightning.vocabulary.fit import VOCABULARY_JSON, fit_vocabulary, load_vocabulary
 from vss_lightning.vocabulary.prototypes import (
     PROTOTYPES,
     PrototypeAccumulator,
@@ -189,6 +190,7 @@ def test_apply_is_idempotent_and_resumes_after_a_kill(tmp_path):
     (out / "v004" / ".f001.png.x.tmp").write_bytes(b"partial")
     resumed = apply_vocabulary(labels, vocab, out)
     assert resumed.written == ["v004"]
+    assert not list(out.rglob(".*.tmp"))
     for p, data in files.items():
         assert p.read_bytes() == data, p
 

@@ -22,10 +22,9 @@ from shards import CONFIGS, make_video, one_thread, predict_args, video_samples,
 
 from vss_lightning import cli
 from vss_lightning.callbacks import WandbVideoLogger
-from vss_lightning.callbacks.wandb import video_scores
 from vss_lightning.data.format import VideoMeta, VideoSample
 from vss_lightning.io.summary import VideoFailed, VideoLabels, VideoSkipped
-from vss_lightning.metrics import hungarian_iou
+from vss_lightning.metrics import hungarian_iou, video_scores
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
 

@@ -18,7 +18,9 @@ import webdataset as wds
 from PIL import Image
 
 from vss_lightning.data.format import VideoMeta
+from vss_lightning.io.labels import label_array
 from vss_lightning.io.locks import HOST, FileLock, process_start
+from vss_lightning.io.previews import preview_png
 from vss_lightning.io.summary import (
     SUMMARY,
     RankSummary,
@@ -30,7 +32,7 @@ from vss_lightning.io.summary import (
     merge_summaries,
     read_rank_summaries,
 )
-from vss_lightning.io.writer import PseudoLabelWriter, label_array, preview_png
+from vss_lightning.io.writer import PseudoLabelWriter
 
 
 class _Strategy:
@@ -80,7 +82,7 @@ def _labels(n: int, size=(6, 10), high: int = 5, seed: int = 0) -> torch.Tensor:
 
 
 def _finish(writer: PseudoLabelWriter, rank: int = 0) -> None:
-    writer._finish(_trainer(rank, writer.world_size), _Module())
+    writer.on_stage_end(_trainer(rank, writer.world_size), _Module(), "predict")
 
 
 def test_png_layout_done_and_resume_index(tmp_path):

@@ -117,7 +117,9 @@ def _predict(args: list[str], out: Path, smoke: bool) -> int:
 
 def _report(out: Path) -> int:
     """Say what the labelling run did, from its `summary.json`; `EXIT_SOME_FAILED` if a video failed."""
-    summary = json.loads((out / "summary.json").read_text())
+    from vss_lightning.io.summary import SUMMARY
+
+    summary = json.loads((out / SUMMARY).read_text())
     skipped = summary["total"]["skipped_videos"]
     if skipped:
         print(

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vss_lightning.clips import ClipAssembler, ClipOrderError
 from vss_lightning.data.format import IGNORE_INDEX, VideoMeta, decode_sample
 from vss_lightning.data.reader import tar_samples
 from vss_lightning.data.shards import MANIFEST, dataset_info, resolve_shards
@@ -104,37 +105,37 @@ def iter_labelled_videos(
         SampleError: if a sample cannot be decoded (the message names the shard and video).
     """
     dataset = tar_samples(list(urls))  # only schema fields are read; shard errors propagate
-    pending: dict[str, dict[int, tuple[list[str], torch.Tensor, str]]] = {}
+    clips: ClipAssembler[tuple[list[str], torch.Tensor, str]] = ClipAssembler(any_order=True)
     done: set[str] = set()
     counts: dict[str, int] = {}
     for raw in dataset:
         counts[raw["__url__"]] = counts.get(raw["__url__"], 0) + 1
         sample = decode_sample(raw)
         meta, vid = sample.meta, sample.meta.video_id
-        clips = pending.setdefault(vid, {})
-        if vid in done or meta.clip_index in clips:
-            raise EvaluationError(
-                f"Expected video {vid!r} clip {meta.clip_index} to occur once in the shards, but "
-                f"{sample.where} repeats it. Remove the duplicate shard from `--gt`."
-            )
-        names, labels = _labelled_clip(meta, sample.labels, sample.where)
-        clips[meta.clip_index] = (names, labels, sample.where)
-        if len(clips) < meta.num_clips:
-            continue
-        del pending[vid]
-        done.add(vid)
-        if sorted(clips) != list(range(meta.num_clips)):
-            raise EvaluationError(
-                f"Expected clips 0..{meta.num_clips - 1} of video {vid!r}, but got {sorted(clips)}. "
-                "Rebuild the shards with data_tools."
-            )
-        parts = [clips[i] for i in range(meta.num_clips)]
-        names = [name for part in parts for name in part[0]]
-        maps = [part[1] for part in parts if part[0]]
-        if maps and len({tuple(m.shape[1:]) for m in maps}) > 1:
-            raise EvaluationError(f"Expected all clips of video {vid!r} to have one frame size.")
-        labels = torch.cat(maps) if maps else torch.zeros(0, 0, 0, dtype=torch.long)
-        yield LabelledVideo(vid, names, labels, "; ".join(part[2] for part in parts), meta.num_classes)
+        repeated = EvaluationError(
+            f"Expected video {vid!r} clip {meta.clip_index} to occur once in the shards, but "
+            f"{sample.where} repeats it. Remove the duplicate shard from `--gt`."
+        )
+        if vid in done:
+            raise repeated
+        try:
+            runs = clips.add(meta, (*_labelled_clip(meta, sample.labels, sample.where), sample.where))
+        except ClipOrderError as e:
+            raise repeated from e
+        for run in runs:
+            done.add(vid)
+            if not run.complete:
+                raise EvaluationError(
+                    f"Expected clips 0..{meta.num_clips - 1} of video {vid!r}, but got {run.clips}. "
+                    "Rebuild the shards with data_tools."
+                )
+            names = [name for part in run.parts for name in part[0]]
+            maps = [part[1] for part in run.parts if part[0]]
+            if maps and len({tuple(m.shape[1:]) for m in maps}) > 1:
+                raise EvaluationError(f"Expected all clips of video {vid!r} to have one frame size.")
+            labels = torch.cat(maps) if maps else torch.zeros(0, 0, 0, dtype=torch.long)
+            where = "; ".join(part[2] for part in run.parts)
+            yield LabelledVideo(vid, names, labels, where, meta.num_classes)
     short = [(url, want) for url, want in (expected or {}).items() if counts.get(url, 0) < want]
     if short:
         url, want = short[0]
@@ -143,11 +144,12 @@ def iter_labelled_videos(
             f"{counts.get(url, 0)} could be read: the shard is truncated (or was rewritten after the "
             "manifest). Rebuild it with `python -m data_tools`."
         )
+    pending = clips.pending()
     if pending:
-        vid, clips = next(iter(pending.items()))
         raise EvaluationError(
-            f"Expected every clip of video {vid!r} in the shards, but only clips {sorted(clips)} were "
-            f"found ({len(pending)} video(s) incomplete). Add the missing shards to `--gt`."
+            f"Expected every clip of video {pending[0].video_id!r} in the shards, but only clips "
+            f"{pending[0].clips} were found ({len(pending)} video(s) incomplete). Add the missing shards "
+            "to `--gt`."
         )
 
 

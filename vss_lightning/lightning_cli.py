@@ -9,9 +9,14 @@ each subcommand takes the output arguments of the command-line contract:
     --on_error skip|fail          bad videos are recorded and skipped (default) or stop the job;
                                   sets data.on_error and model.on_error
     --videos_per_shard N          videos per output tar with --output_format shards
+    --lock_timeout_s S            a png video lock of a job on another host untouched this long is stale
 
-and builds the `PseudoLabelWriter` and the progress bar from them. Predict runs with
-`return_predictions=False` (labels go to the writer, nothing accumulates in memory).
+which are linked to the init args of the writer, a plain callback declared as the config group
+`writer` (`io.writer.PseudoLabelWriter`; its other arguments, e.g. `--writer.summary_timeout_s`, are
+set there). Predict runs with `return_predictions=False` (labels go to the writer, nothing
+accumulates in memory). A `VideoProgressBar` is added to `trainer.callbacks` unless the config lists a
+progress bar or disables it. Only public LightningCLI hooks are overridden (`subcommands`,
+`setup_parser`, `add_arguments_to_parser`, `before_instantiate_classes`).
 
 With a logger (e.g. the W&B overlay `configs/logger/wandb.yaml`), the resolved config goes to every
 logger's hyperparameters; a `WandbLogger` gets a `WandbVideoLogger` callback unless the config lists
@@ -21,6 +26,7 @@ one, and keeps its run under `<output_dir>/wandb/` unless its `save_dir` is set 
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import os
 import re
@@ -236,6 +242,12 @@ class VSSLightningCLI(LightningCLI):
         )
         parser.link_arguments("on_error", "data.on_error")
         parser.link_arguments("on_error", "model.on_error")
+        # The writer is a config group of its own (`writer.*`, a callback of the trainer); the output
+        # arguments above are its user-facing names.
+        parser.add_lightning_class_args(PseudoLabelWriter, "writer")
+        for key in ("output_format", "write_previews", "videos_per_shard", "lock_timeout_s"):
+            parser.link_arguments(key, f"writer.{key}")
+        parser.link_arguments("output_dir", "writer.output_dir", compute_fn=_output_dir)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -266,31 +278,44 @@ class VSSLightningCLI(LightningCLI):
             and str(logger.get("init_args.save_dir", ".")) in ("", ".")
         ):
             logger["init_args.save_dir"] = config["output_dir"]  # the W&B run beside the labels
+        self._add_automatic_callbacks(config)
 
-    def instantiate_trainer(self, **kwargs: Any) -> Any:
-        config = self.config[self.subcommand]
-        writer = PseudoLabelWriter(
-            output_dir=config["output_dir"],
-            output_format=config["output_format"],
-            write_previews=config["write_previews"],
-            videos_per_shard=config["videos_per_shard"],
-            lock_timeout_s=config["lock_timeout_s"],
-        )
-        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
-        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        user = trainer_config.get("callbacks") or []
-        user = user if isinstance(user, list) else [user]
-        callbacks.append(writer)
-        loggers = trainer_config.get("logger")
+    def _add_automatic_callbacks(self, config: Namespace) -> None:
+        """Add a `VideoProgressBar` (unless the config lists a progress bar or disables it) and, with a
+        `WandbLogger`, a `WandbVideoLogger` (unless listed) to the config's `trainer.callbacks`."""
+        callbacks = config.get("trainer.callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        listed = [_class_of(c) for c in callbacks]
+        loggers = config.get("trainer.logger")
         loggers = loggers if isinstance(loggers, list) else [loggers]
-        if any(isinstance(lg, WandbLogger) for lg in loggers) and not any(
-            isinstance(c, WandbVideoLogger) for c in user + callbacks
+        if any(issubclass(_class_of(lg) or object, WandbLogger) for lg in loggers) and not any(
+            c is not None and issubclass(c, WandbVideoLogger) for c in listed
         ):
-            callbacks.append(WandbVideoLogger())
-        wants_bar = trainer_config.get("enable_progress_bar") in (None, True)
-        if wants_bar and not any(isinstance(c, ProgressBar) for c in user + callbacks):
-            callbacks.append(VideoProgressBar())
-        return self._instantiate_trainer(trainer_config, callbacks)
+            callbacks.append(Namespace(class_path=_path_of(WandbVideoLogger), init_args=Namespace()))
+        wants_bar = config.get("trainer.enable_progress_bar") in (None, True)
+        if wants_bar and not any(c is not None and issubclass(c, ProgressBar) for c in listed):
+            callbacks.append(Namespace(class_path=_path_of(VideoProgressBar), init_args=Namespace()))
+        config["trainer.callbacks"] = callbacks
+
+
+def _path_of(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _class_of(entry: Any) -> type | None:
+    """The class a config entry (`class_path` namespace) or an instance names, None if unknown."""
+    if isinstance(entry, Namespace) and isinstance(entry.get("class_path"), str):
+        module, _, name = entry["class_path"].rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return None
+    return type(entry) if entry is not None and not isinstance(entry, (bool, str)) else None
+
+
+def _output_dir(value: str | None) -> str:
+    """`--output_dir` for the writer; "" when unset (`before_instantiate_classes` then says so)."""
+    return "" if value is None else str(value)
 
 
 def run_cli(args: list[str] | None = None, prog: str = "vss-lightning", epilog: str = "") -> VSSLightningCLI:

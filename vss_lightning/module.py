@@ -1,22 +1,21 @@
-"""`ZeroShotVSS`: the LightningModule shell around the plain-PyTorch `VideoSegmenter`.
+"""`ZeroShotVSS`: the LightningModule shell around the plain-PyTorch pipeline.
 
 No trainable parameters and no training: `predict_step` labels one video (or clip) per step and
-hands the labels to the writer (`io.writer.PseudoLabelWriter`); `test_step`/`validation_step` do the
-same and score the labels against the ground truth. The backbone is loaded in `setup` (on this
-rank's device), so building the module (`--help`, `--print_config`) costs nothing.
-
-Per step, with one `VideoSample` (or `FailedSample`) as the batch:
+hands the labels to the writer (`io.writer.PseudoLabelWriter`); `test_step` (also the
+`validation_step`) does the same and scores the labels against the ground truth. The backbone is
+loaded in `setup` (on this rank's device), so building the module (`--help`, `--print_config`) costs
+nothing. The video-level algorithm (state across clips, ground-truth anchors, OOM retry) is
+`pipeline.video.VideoLabeller`; this shell adds what Lightning and the output need:
 
 1. a `FailedSample` becomes a `VideoFailed` (or raises with `on_error="fail"`);
-2. in predict, the writer is asked whether the video is already complete with the same settings
-   hash; if so the step returns `VideoSkipped` without running the pipeline;
-3. the pipeline runs with seed key `"<video_id>:<frame_offset>"` (labels do not depend on the rank
-   or the world size) and, for a video split into clips, the `VideoState` of the previous clip of
-   the same video on this rank; a GPU out-of-memory error is retried once with half the memory
-   budget; any other error becomes a `VideoFailed` naming the video and shard.
+2. in predict, the completeness check a writer registered (`set_completeness_check`) is asked
+   whether the video is already complete with the same settings hash; if so the step returns
+   `VideoSkipped` without running the pipeline;
+3. the labeller labels the clip; any error becomes a `VideoFailed` naming the video and shard.
 
 No collective runs per step, so ranks with different numbers of videos never wait on each other;
-the evaluation metrics sync once, at the end of test/validate, on every rank.
+the evaluation metrics sync once, at the end of test/validate, on every rank, and the result is
+kept in `eval_results` (the writer writes it to `metrics.json`).
 """
 
 from __future__ import annotations
@@ -24,37 +23,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torchmetrics.aggregation import SumMetric
 
-from vss_lightning.data.format import IGNORE_INDEX, FailedSample, SampleError, VideoSample
-from vss_lightning.io.summary import (
-    VideoFailed,
-    VideoLabels,
-    VideoResult,
-    VideoSkipped,
-    atomic_write,
-    json_bytes,
-)
-from vss_lightning.io.writer import PseudoLabelWriter
-from vss_lightning.metrics import VideoSegmentationMetrics
-from vss_lightning.pipeline.segmenter import VideoSegmenter, VideoState
+from vss_lightning.clips import ClipAssembler
+from vss_lightning.data.format import FailedSample, SampleError, VideoMeta, VideoSample
+from vss_lightning.io.summary import VideoFailed, VideoLabels, VideoResult, VideoSkipped
+from vss_lightning.metrics import VideoSegmentationMetrics, join_parts, labelled_part
+from vss_lightning.pipeline.segmenter import VideoSegmenter
+from vss_lightning.pipeline.video import FrameListener, GtAnchor, LabelMode, VideoLabeller, seed_key
 
 log = logging.getLogger(__name__)
 
-LabelMode = Literal["cluster", "first_frame_gt"]
-METRICS = "metrics.json"
-
-
-def seed_key(video_id: str, frame_offset: int) -> str:
-    """The segmenter's seed key of a clip: the same wherever and whenever the clip is processed."""
-    return f"{video_id}:{frame_offset}"
+__all__ = ["ZeroShotVSS", "seed_key"]
 
 
 class ZeroShotVSS(L.LightningModule):
@@ -84,7 +69,7 @@ class ZeroShotVSS(L.LightningModule):
         self,
         segmenter: VideoSegmenter | None = None,
         label_mode: LabelMode = "cluster",
-        gt_anchor: Literal["first_frame", "first_labelled"] = "first_frame",
+        gt_anchor: GtAnchor = "first_frame",
         num_classes: int | None = None,
         matching: Literal["auto", "none", "video", "dataset"] = "auto",
         on_error: Literal["skip", "fail"] = "skip",
@@ -119,19 +104,24 @@ class ZeroShotVSS(L.LightningModule):
         )
         self.on_error = on_error
         self.oom_retry = oom_retry
+        self.videos = VideoLabeller(self.segmenter, label_mode, gt_anchor, oom_retry)
         self.metrics: VideoSegmentationMetrics | None = None
         self.failed_count: SumMetric | None = None
-        self._states: dict[str, tuple[int, VideoState]] = {}  # video id -> (next clip index, state)
-        self._failed_videos: set[str] = set()  # multi-clip videos with a failed clip on this rank
-        self._eval_parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.eval_results: dict[str, Any] | None = None  # the last test/validate metrics (metrics.json)
+        self._eval_parts: ClipAssembler[tuple[torch.Tensor, torch.Tensor]] = ClipAssembler()
+        self._is_complete: Callable[[VideoMeta], bool] | None = None
         self._hash: str | None = None
-        self._frame_listeners: list[Callable[[str, int, int], None]] = []
 
-    def add_frame_listener(self, listener: Callable[[str, int, int], None]) -> None:
+    def add_frame_listener(self, listener: FrameListener) -> None:
         """Call `listener(video_id, frames_done, frames_total)` whenever a batch of a video's frames is
         labelled (e.g. a progress bar showing progress inside long videos). Added once."""
-        if listener not in self._frame_listeners:
-            self._frame_listeners.append(listener)
+        if listener not in self.videos.listeners:
+            self.videos.listeners.append(listener)
+
+    def set_completeness_check(self, check: Callable[[VideoMeta], bool] | None) -> None:
+        """Register `check(meta)` (the writer's `is_complete`), asked in predict before a sample is
+        computed: True skips it. None removes it."""
+        self._is_complete = check
 
     # -- set-up ---------------------------------------------------------------------------------
     def load(self, device: torch.device | str = "cpu") -> ZeroShotVSS:
@@ -146,6 +136,7 @@ class ZeroShotVSS(L.LightningModule):
             self.metrics = VideoSegmentationMetrics(self.num_classes, matching=self.matching)
             self.failed_count = SumMetric()
             self.failed_count.update(0.0)  # a defined sum on every rank, even with no failure
+            self.eval_results = None
         self.load(self.trainer.strategy.root_device)
         self._reset_videos()
 
@@ -200,8 +191,7 @@ class ZeroShotVSS(L.LightningModule):
         return batch
 
     def _reset_videos(self) -> None:
-        self._states.clear()
-        self._failed_videos.clear()
+        self.videos.reset()
         self._eval_parts.clear()
 
     # -- steps ----------------------------------------------------------------------------------
@@ -209,26 +199,19 @@ class ZeroShotVSS(L.LightningModule):
         return self.run_sample(batch, skip_complete=True)
 
     def test_step(self, batch: VideoSample | FailedSample, batch_idx: int) -> VideoResult:
+        """Label the sample and score it (test and validate)."""
         result = self.run_sample(batch, skip_complete=False)
         self._score(batch, result)
         return result
 
-    def validation_step(self, batch: VideoSample | FailedSample, batch_idx: int) -> VideoResult:
-        result = self.run_sample(batch, skip_complete=False)
-        self._score(batch, result)
-        return result
-
-    def _writer(self) -> PseudoLabelWriter | None:
-        if self._trainer is None:
-            return None
-        return next((cb for cb in self.trainer.callbacks if isinstance(cb, PseudoLabelWriter)), None)
+    validation_step = test_step
 
     def run_sample(self, sample: VideoSample | FailedSample, skip_complete: bool = True) -> VideoResult:
         """Label one sample; see the module docstring for the steps.
 
         Args:
             sample: a `VideoSample` (frames (T, 3, H, W) uint8) or a `FailedSample`.
-            skip_complete: ask the writer first and skip a video whose output is complete.
+            skip_complete: ask the registered completeness check first and skip a complete video.
 
         Returns:
             `VideoLabels` ((T, H, W) labels on the CPU), `VideoSkipped` or `VideoFailed`.
@@ -244,144 +227,24 @@ class ZeroShotVSS(L.LightningModule):
                 f"batch_size=None), but got {type(sample).__name__}."
             )
         meta = sample.meta
-        vid, last_clip = meta.video_id, meta.clip_index >= meta.num_clips - 1
-        if meta.clip_index == 0:
-            self._states.pop(vid, None)
-            self._failed_videos.discard(vid)
-        elif vid in self._failed_videos:
-            if last_clip:
-                self._failed_videos.discard(vid)
-            return VideoFailed(
-                vid,
-                sample.key,
-                sample.url,
-                f"An earlier clip of video {vid!r} failed on this rank; "
-                f"clip {meta.clip_index} was not segmented.",
-                meta.clip_index,
-            )
-        writer = self._writer() if skip_complete else None
-        if writer is not None and writer.is_complete(meta):
-            self._states.pop(vid, None)
+        refused = self.videos.earlier_failure(meta)
+        if refused is not None:
+            return VideoFailed(meta.video_id, sample.key, sample.url, refused, meta.clip_index)
+        if skip_complete and self._is_complete is not None and self._is_complete(meta):
+            self.videos.skip(meta)
             return VideoSkipped(meta, sample.key, sample.url, ignored_fields=sample.ignored_fields)
-        expected, state = self._states.pop(vid, (0, None))
-        continuing = state is not None and expected == meta.clip_index
-        if meta.clip_index > 0 and not continuing:
-            log.warning(
-                f"Clip {meta.clip_index} of {sample.where} starts without the context of clip "
-                f"{meta.clip_index - 1} (not seen on this rank just before); its labels start afresh."
-            )
-        state = state if continuing else VideoState()
         try:
-            gt = (
-                self._first_frame_gt(sample)
-                if self.label_mode == "first_frame_gt" and not continuing
-                else None
-            )
-            labels, seconds, stage_seconds, retried = self._segment(sample, gt, state)
+            out = self.videos.label(meta, sample.frames, sample.labels, sample.where)
         except Exception as e:  # noqa: BLE001 - one bad video must not stop a labelling job (on_error)
-            if not last_clip:
-                self._failed_videos.add(vid)
             message = f"Expected to segment {sample.where}, but it failed with {type(e).__name__}: {e}"
             if self.on_error == "fail":
                 raise RuntimeError(f"{message}. Pass --on_error skip to record it and go on.") from e
             log.warning(message)
-            return VideoFailed(vid, sample.key, sample.url, message, meta.clip_index)
-        if not last_clip:
-            self._states[vid] = (meta.clip_index + 1, state)
+            return VideoFailed(meta.video_id, sample.key, sample.url, message, meta.clip_index)
         return VideoLabels(
-            meta, labels, sample.key, sample.url, seconds, retried, stage_seconds,
+            meta, out.labels, sample.key, sample.url, out.seconds, out.retried, out.stage_seconds,
             ignored_fields=sample.ignored_fields,  # shard members outside the schema (issue #11)
         )  # fmt: skip
-
-    def _first_frame_gt(self, sample: VideoSample) -> tuple[torch.Tensor, int]:
-        """The ground-truth frame the labels start from and its index (see `gt_anchor`)."""
-        ignore = self.segmenter.ignore_index
-        labelled = (
-            []
-            if sample.labels is None
-            else (sample.labels != ignore).flatten(1).any(1).nonzero().flatten().tolist()
-        )
-        index = 0 if self.gt_anchor == "first_frame" else (labelled[0] if labelled else 0)
-        if index not in labelled:
-            name = sample.meta.frame_names[index]
-            hint = (
-                "Label the first frame, use --model.gt_anchor first_labelled (start from the first "
-                "labelled frame), or use --model.label_mode cluster."
-                if self.gt_anchor == "first_frame"
-                else "Give the video at least one labelled frame, or use --model.label_mode cluster."
-            )
-            raise ValueError(
-                f"Expected frame {index} ({name!r}) of {sample.where} to have a ground-truth label for "
-                f"label_mode='first_frame_gt', but it has none. {hint}"
-            )
-        return sample.labels[index], index
-
-    def _segment(
-        self, sample: VideoSample, gt: tuple[torch.Tensor, int] | None, state: VideoState
-    ) -> tuple[torch.Tensor, float, dict[str, float], bool]:
-        """Run the pipeline; on a GPU OOM retry once with half the memory budget."""
-        try:
-            return *self._run(sample, gt, state), False
-        except torch.cuda.OutOfMemoryError as e:
-            if not self.oom_retry:
-                raise
-            log.warning(
-                f"Out of memory on {sample.where} ({str(e).splitlines()[0]}); retrying with half the "
-                "memory budget."
-            )
-        # Outside the except block, so the failed attempt's tensors are freed before the retry.
-        if torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-        sampler = self.segmenter.sampler
-        budget = sampler.max_batch_images, sampler.vae_batch_images
-        sampler.max_batch_images, sampler.vae_batch_images = max(2, budget[0] // 2), max(1, budget[1] // 2)
-        try:
-            return *self._run(sample, gt, state), True
-        finally:
-            sampler.max_batch_images, sampler.vae_batch_images = budget
-
-    def _run(
-        self, sample: VideoSample, gt: tuple[torch.Tensor, int] | None, state: VideoState
-    ) -> tuple[torch.Tensor, float, dict[str, float]]:
-        """Stream the video through the segmenter into a compact (T, H, W) uint8 (or int32) tensor.
-
-        With a ground-truth anchor at frame k > 0, frames k.. are segmented forwards from it and
-        frames ..k backwards (reversed) from it; `state` follows the forward direction.
-
-        Returns:
-            The labels, the wall-clock seconds and the seconds per pipeline stage.
-        """
-        frames = sample.frames
-        t, h, w = frames.shape[0], frames.shape[-2], frames.shape[-1]
-        out = torch.empty((t, h, w), dtype=torch.uint8)
-        t0 = time.perf_counter()
-        gt_frame, anchor = gt if gt is not None else (None, 0)
-        key = seed_key(sample.meta.video_id, sample.meta.frame_offset + anchor)
-        stage_seconds: dict[str, float] = {}  # filled by the segmenter, per stage
-        passes = [(frames[anchor:], 1, state, key)]  # (frames, direction, state, seed key)
-        done = 0
-        for listener in self._frame_listeners:  # the video starts
-            listener(sample.meta.video_id, 0, t)
-        if anchor > 0:
-            back_key = seed_key(f"{sample.meta.video_id}:backward", sample.meta.frame_offset + anchor)
-            passes.append((frames[: anchor + 1].flip(0), -1, VideoState(), back_key))
-        for clip, direction, clip_state, clip_key in passes:
-            for part in self.segmenter.iter_segment(
-                clip, gt_frame, clip_state, key=clip_key, seconds=stage_seconds
-            ):
-                labels = part.labels
-                if direction < 0:  # frame i of the reversed clip is frame anchor - i; the anchor is done
-                    keep = [j for j, i in enumerate(part.indices) if i > 0]
-                    indices, labels = [anchor - part.indices[j] for j in keep], labels[keep]
-                else:
-                    indices = [anchor + i for i in part.indices]
-                if labels.numel() and out.dtype == torch.uint8 and int(labels.max()) > 255:
-                    out = out.to(torch.int32)
-                out[indices] = labels.to(out.dtype)
-                done += len(indices)
-                for listener in self._frame_listeners:
-                    listener(sample.meta.video_id, done, t)
-        return out, time.perf_counter() - t0, stage_seconds
 
     # -- evaluation -----------------------------------------------------------------------------
     def _score(self, sample: VideoSample | FailedSample, result: VideoResult) -> None:
@@ -391,20 +254,16 @@ class ZeroShotVSS(L.LightningModule):
         if isinstance(result, VideoFailed):
             self.failed_count.update(1.0)
             if result.video_id is not None:
-                self._eval_parts.pop(result.video_id, None)
+                self._eval_parts.pop(result.video_id)
             return
         if not isinstance(result, VideoLabels) or sample.labels is None:
             return
-        target = sample.labels
-        keep = (target != IGNORE_INDEX).flatten(1).any(1)  # (T,) labelled frames
-        parts = self._eval_parts.setdefault(result.meta.video_id, [])
-        parts.append((result.labels[keep].long(), target[keep]))
-        if result.meta.clip_index >= result.meta.num_clips - 1:
-            self._update_metrics(self._eval_parts.pop(result.meta.video_id))
+        for run in self._eval_parts.add(result.meta, labelled_part(result.labels, sample.labels)):
+            self._update_metrics(run.parts)
 
     def _update_metrics(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        pred = torch.cat([p for p, _ in parts]).to(self.device)
-        target = torch.cat([t for _, t in parts]).to(self.device)
+        pred, target = join_parts(parts)
+        pred, target = pred.to(self.device), target.to(self.device)
         self.metrics.update(pred, target, torch.ones(target.shape[0], dtype=torch.bool, device=self.device))
 
     def on_test_epoch_end(self) -> None:
@@ -414,26 +273,22 @@ class ZeroShotVSS(L.LightningModule):
         self._finish_eval("val")
 
     def _finish_eval(self, prefix: str) -> None:
-        """Compute the metrics on every rank (the one sync), log them, write metrics.json on rank 0."""
+        """Compute the metrics on every rank (the one sync), log them and keep them in `eval_results`."""
         if self.metrics is None:
             return
-        for parts in self._eval_parts.values():  # videos whose last clip was not seen on this rank
-            self._update_metrics(parts)
-        self._eval_parts.clear()
+        for run in self._eval_parts.clear():  # videos whose last clip was not seen on this rank
+            self._update_metrics(run.parts)
         results: dict[str, Any] = self.metrics.compute()
         results["failed_videos"] = int(self.failed_count.compute())
         scalars = {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}
         self.log_dict({f"{prefix}/{k}": v for k, v in scalars.items()}, rank_zero_only=True)
-        writer = self._writer()
-        if self.trainer.is_global_zero and writer is not None:
-            record = {
-                **results,
-                **self.output_info(),
-                "stage": prefix,
-                "matching": self.matching,
-                "num_classes": self.num_classes,
-            }
-            atomic_write(Path(writer.root) / METRICS, json_bytes(record))
+        self.eval_results = {
+            **results,
+            **self.output_info(),
+            "stage": prefix,
+            "matching": self.matching,
+            "num_classes": self.num_classes,
+        }
         self.metrics.reset()
         self.failed_count.reset()
 

@@ -18,7 +18,6 @@ The ignore id 255 of a ground-truth map is drawn black by `colorize` and left un
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Iterable
@@ -201,13 +200,6 @@ def resize_max(image: np.ndarray, max_size: int | None, nearest: bool = False) -
     if nearest and image.ndim == 2 and image.dtype != np.uint8:  # PIL's "I" mode keeps ids above 255
         return np.asarray(Image.fromarray(image.astype(np.int32)).resize(size, resample)).astype(image.dtype)
     return np.asarray(Image.fromarray(image).resize(size, resample))
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 RGB -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @lru_cache(maxsize=1)

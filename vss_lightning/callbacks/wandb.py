@@ -24,67 +24,27 @@ is added): the per-step counts and the table cover rank 0, the totals are in `su
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from vss_lightning import viz
+from vss_lightning.clips import ClipAssembler, ClipRun
 from vss_lightning.data.format import IGNORE_INDEX, VideoMeta, VideoSample
+from vss_lightning.io.previews import sample_frames
+from vss_lightning.io.stages import Stage, StageCallback
 from vss_lightning.io.summary import VideoFailed, VideoLabels, VideoResult, VideoSkipped
-from vss_lightning.io.writer import sample_frames
-from vss_lightning.metrics import hungarian_iou, labelled_frames, segmentation_iou, video_consistency
+from vss_lightning.metrics import join_parts, labelled_part, video_scores
 
 TABLE_COLUMNS = ["video_id", "frames", "mIoU", "mVC8", "mVC16", "thumbnail"]
 FAILURE_COLUMNS = ["video_id", "shard", "key", "clip_index", "error"]
-
-
-def video_scores(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    num_classes: int | None,
-    matching: str = "none",
-    ignore_index: int = IGNORE_INDEX,
-) -> dict[str, float | None]:
-    """mIoU, mVC8 and mVC16 of one whole video on its labelled frames.
-
-    Args:
-        pred: (T, H, W) predicted ids (class ids, or cluster ids under matching).
-        target: (T, H, W) ground truth, `ignore_index` where unlabelled.
-        num_classes: C; None gives mIoU None.
-        matching: "none" (ids are classes) or "video"/"dataset" (Hungarian matching on this video).
-        ignore_index: the unlabelled value.
-
-    Returns:
-        {"mIoU", "mVC8", "mVC16"}: floats, None where undefined (no labelled frame, fewer labelled
-        frames than the window, no class count).
-    """
-    keep = labelled_frames(target, ignore_index)
-    out: dict[str, float | None] = {"mIoU": None, "mVC8": None, "mVC16": None}
-    if not bool(keep.any()):
-        return out
-    p, t = pred[keep].long(), target[keep].long()  # (T', H, W) labelled frames in order
-    if num_classes is not None:
-        if matching == "none":
-            iou = segmentation_iou(p, t, num_classes, ignore_index)
-        else:
-            top = int(p.max()) + 1 if p.numel() else 1
-            iou = hungarian_iou(p, t, num_classes, ignore_index, max_pred_ids=max(256, top))
-        out["mIoU"] = _finite(float(iou["mIoU"]))
-    for n in (8, 16):
-        out[f"mVC{n}"] = _finite(float(video_consistency(p, t, n, ignore_index)))
-    return out
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def class_labels(ids: np.ndarray, names: list[str] | None, kind: str) -> dict[int, str]:
@@ -100,17 +60,19 @@ def class_labels(ids: np.ndarray, names: list[str] | None, kind: str) -> dict[in
     return out
 
 
-class _Video:
-    """What the callback keeps of a video until its last clip: frames, scoring parts, thumbnail."""
-
-    def __init__(self, video_id: str) -> None:
-        self.video_id = video_id
-        self.frames = 0
-        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (pred, target) of labelled frames
-        self.thumbnail: np.ndarray | None = None
+PREFIXES = {"predict": "predict", "test": "test", "validate": "val"}
 
 
-class WandbVideoLogger(Callback):
+@dataclass
+class _ClipPart:
+    """What the callback keeps of one clip until its video's last clip."""
+
+    frames: int
+    scored: tuple[torch.Tensor, torch.Tensor] | None  # (pred, target) of the labelled frames
+    thumbnail: np.ndarray | None  # the video's, from the first clip that had frames
+
+
+class WandbVideoLogger(StageCallback):
     """Logs progress, stage timings, per-video scores and (to W&B) pictures of the labels.
 
     See the module docstring for what is logged. Works with any logger (metrics only) and with none
@@ -171,7 +133,7 @@ class WandbVideoLogger(Callback):
         self.pictured = 0
         self.rows: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
-        self._open: dict[str, _Video] = {}
+        self._open: ClipAssembler[_ClipPart] = ClipAssembler()
         self._t0 = time.perf_counter()
 
     @staticmethod
@@ -183,41 +145,13 @@ class WandbVideoLogger(Callback):
         return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
     # -- hooks ----------------------------------------------------------------------------------
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start("predict")
+    def on_stage_start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
+        self._start(PREFIXES[stage])
 
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start("test")
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start("val")
-
-    def on_predict_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
+    def on_stage_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, stage: Stage
+    ) -> None:
         self.on_result(trainer, pl_module, outputs, batch)
-
-    def on_test_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
-        self.on_result(trainer, pl_module, outputs, batch)
-
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
-        self.on_result(trainer, pl_module, outputs, batch)
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.on_stage_end(trainer)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.on_stage_end(trainer)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.on_stage_end(trainer)
 
     # -- per step -------------------------------------------------------------------------------
     def on_result(
@@ -236,7 +170,7 @@ class WandbVideoLogger(Callback):
             self.counts["failed"] += 1
             self.failures.append(result.record())
             if result.video_id is not None:
-                self._open.pop(result.video_id, None)
+                self._open.pop(result.video_id)
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         metrics.update({k: float(v) for k, v in self.counts.items()})
         metrics["frames_per_second"] = self.counts["frames"] / elapsed
@@ -258,22 +192,20 @@ class WandbVideoLogger(Callback):
         out.update({f"seconds/{k}": v for k, v in res.stage_seconds.items()})
         self.counts["clips"] += 1
         self.counts["frames"] += res.frames
-        video = self._open.pop(vid, None) if meta.clip_index > 0 else None
-        if video is None:
-            video = _Video(vid)
-        video.frames += res.frames
         target = batch.labels if isinstance(batch, VideoSample) and batch.video_id == vid else None
+        scored = None
         if target is not None and target.shape == res.labels.shape:
-            keep = labelled_frames(target)
-            video.parts.append((res.labels[keep], target[keep]))
+            scored = labelled_part(res.labels, target)
         wandb_loggers = self._wandb_loggers(trainer)
         frames = sample_frames(batch, res) if wandb_loggers else None
         if meta.clip_index == 0:
             self.seen_videos += 1
-        if frames is not None and self.log_table and video.thumbnail is None:  # from the first clip seen
+        earlier = self._open.last(vid) if meta.clip_index > 0 and self._open.follows(meta) else None
+        thumbnail = earlier.thumbnail if earlier is not None else None
+        if frames is not None and self.log_table and thumbnail is None:  # from the first clip seen
             mid = res.frames // 2
             image = viz.overlay(frames[mid], res.labels[mid].numpy(), self._palette(pl_module, meta))
-            video.thumbnail = viz.resize_max(image, self.thumbnail_size)
+            thumbnail = viz.resize_max(image, self.thumbnail_size)
         sampled = (
             meta.clip_index == 0
             and (self.seen_videos - 1) % self.log_every_n_videos == 0
@@ -283,24 +215,23 @@ class WandbVideoLogger(Callback):
             self.pictured += 1
             for logger in wandb_loggers:
                 self._log_pictures(logger, pl_module, res, frames, target)
-        if meta.clip_index >= meta.num_clips - 1:
-            out.update(self._close(pl_module, video))
-        else:
-            self._open[vid] = video
+        for run in self._open.add(meta, _ClipPart(res.frames, scored, thumbnail)):
+            out.update(self._close(pl_module, run))
         return out
 
-    def _close(self, pl_module: L.LightningModule, video: _Video) -> dict[str, float]:
-        """A video's last clip is done: score it and keep its table row."""
+    def _close(self, pl_module: L.LightningModule, run: ClipRun[_ClipPart]) -> dict[str, float]:
+        """A video's clips are done (its last one, or a clip that broke their order): score the video
+        and keep its table row."""
         self.counts["videos"] += 1
         scores: dict[str, float | None] = {"mIoU": None, "mVC8": None, "mVC16": None}
-        if video.parts:
-            pred = torch.cat([p for p, _ in video.parts])
-            target = torch.cat([t for _, t in video.parts])
+        parts = [p.scored for p in run.parts if p.scored is not None]
+        if parts:
+            pred, target = join_parts(parts)
             matching = getattr(pl_module, "matching", "none")
             scores = video_scores(pred, target, getattr(pl_module, "num_classes", None), matching)
-        self.rows.append(
-            {"video_id": video.video_id, "frames": video.frames, **scores, "thumbnail": video.thumbnail}
-        )
+        frames = sum(p.frames for p in run.parts)
+        thumbnail = run.parts[-1].thumbnail
+        self.rows.append({"video_id": run.video_id, "frames": frames, **scores, "thumbnail": thumbnail})
         return {f"video_{k}": v for k, v in scores.items() if v is not None}
 
     # -- pictures (W&B only) --------------------------------------------------------------------
@@ -364,13 +295,12 @@ class WandbVideoLogger(Callback):
                 logger.experiment.log(record)  # copies the media into the run before the folder goes
 
     # -- the end ----------------------------------------------------------------------------------
-    def on_stage_end(self, trainer: L.Trainer) -> None:
+    def on_stage_end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
         """Score videos whose last clip never came here and log the tables (W&B)."""
         if not self._active(trainer):
             return
-        for video in self._open.values():
-            self._close(trainer.lightning_module, video)
-        self._open.clear()
+        for run in self._open.clear():
+            self._close(pl_module, run)
         wandb_loggers = self._wandb_loggers(trainer)
         if not (wandb_loggers and self.log_table):
             return

@@ -21,7 +21,13 @@ from typing import Any
 
 import webdataset as wds
 
-from .summary import atomic_write, json_bytes, read_json
+from vss_lightning.clips import Clip, ClipAssembler, ClipRun
+from vss_lightning.data.format import encode_png, sample_key, validate_name
+
+from .files import atomic_write, json_bytes, read_json
+from .labels import label_array, label_record
+from .previews import palette, preview_image, sample_frames
+from .summary import VideoLabels
 
 SHARD = "labels-rank{rank:03d}-{index:06d}.tar"
 SHARD_INDEX = "labels-rank{rank:03d}-{index:06d}.index.json"
@@ -56,6 +62,8 @@ class LabelShardStore:
         run_id: recorded in the index files.
         videos_per_shard: close a tar after this many videos.
         shard_max_bytes: close a tar once it holds this many bytes of labels.
+        info: the module's `output_info()`, recorded per clip (default: the settings hash only).
+        write_previews: also store `<i>.preview.png` per frame (`io.previews`).
     """
 
     def __init__(
@@ -67,12 +75,16 @@ class LabelShardStore:
         run_id: str = "",
         videos_per_shard: int = 100,
         shard_max_bytes: int = 1 << 30,
+        info: dict[str, Any] | None = None,
+        write_previews: bool = False,
     ) -> None:
         self.root, self.rank, self.world_size = root, rank, world_size
         self.settings_hash, self.run_id = settings_hash, run_id
         self.videos_per_shard, self.shard_max_bytes = videos_per_shard, shard_max_bytes
+        self.info = info if info is not None else {"settings_hash": settings_hash}
+        self.write_previews = write_previews
         self.complete: dict[str, str] = {}  # video id -> settings hash, from finished tars
-        self.pending: dict[str, list[dict[str, Any]]] = {}  # clips of videos not finished yet
+        self._pending: ClipAssembler[dict[str, Any]] = ClipAssembler()  # clips of unfinished videos
         self.next_index = 0
         self._tar: wds.TarWriter | None = None
         self._file: Any = None
@@ -118,23 +130,47 @@ class LabelShardStore:
         """Whether a finished tar (of any rank, or this run) holds the whole video."""
         return video_id in self.complete
 
-    def add_clip(self, video_id: str, clip_index: int, num_clips: int, sample: dict[str, Any]) -> None:
+    def write(self, res: VideoLabels, sample: Any = None) -> None:
+        """Encode one clip's labels (and previews) as a tar sample and `add_clip` it; a video already in
+        a finished tar is not stored twice (test/validate recompute complete videos)."""
+        meta = res.meta
+        vid = validate_name(meta.video_id, "video id")
+        if self.is_complete(vid):
+            return
+        arr = label_array(res.labels)
+        frames = sample_frames(sample, res) if self.write_previews else None
+        colours = palette(meta, str(self.info.get("label_mode") or "cluster"))
+        out: dict[str, Any] = {
+            "__key__": sample_key(vid, meta.clip_index),
+            "meta.json": meta.to_json(),
+            "labels.json": json_bytes(label_record(res, arr, self.info)),
+        }
+        for i in range(arr.shape[0]):
+            out[f"{i:05d}.label.png"] = encode_png(arr[i])
+            if self.write_previews:
+                frame = frames[i] if frames is not None else None
+                out[f"{i:05d}.preview.png"] = preview_image(arr[i], frame, colours)
+        self.add_clip(meta, out)
+
+    def add_clip(self, clip: Clip, sample: dict[str, Any]) -> None:
         """Buffer one clip's sample; store the whole video when its last clip comes.
 
         Raises:
             ValueError: if the clips of a video do not come in order (the video is dropped).
         """
-        pending = self.pending.setdefault(video_id, [])
-        if clip_index != len(pending):
-            self.pending.pop(video_id, None)
+        if not self._pending.follows(clip):
+            held = self._pending.pop(clip.video_id)
             raise ValueError(
-                f"Expected the clips of video {video_id!r} to arrive in order on one rank (clip "
-                f"{len(pending)} next), but got clip {clip_index}. Keep each video in one shard "
-                "(data_tools does)."
+                f"Expected the clips of video {clip.video_id!r} to arrive in order on one rank (clip "
+                f"{held.clips[-1] + 1 if held else 0} next), but got clip {clip.clip_index}. Keep each "
+                "video in one shard (data_tools does)."
             )
-        pending.append(sample)
-        if clip_index == num_clips - 1:
-            self._store(video_id, self.pending.pop(video_id), num_clips)
+        for run in self._pending.add(clip, sample):
+            self._store(run.video_id, run.parts, run.num_clips)
+
+    def unfinished(self) -> list[ClipRun[dict[str, Any]]]:
+        """Drop the videos whose last clip never came (they are not stored); returns them."""
+        return self._pending.clear()
 
     def _store(self, video_id: str, samples: list[dict[str, Any]], num_clips: int) -> None:
         if self._tar is None:

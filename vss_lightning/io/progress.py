@@ -13,10 +13,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from .stages import Stage, StageCallback
 from .summary import VideoFailed, VideoLabels, VideoSkipped
 
 
-class VideoProgressBar(TQDMProgressBar):
+class VideoProgressBar(StageCallback, TQDMProgressBar):
     """Lightning's tqdm bar, counting videos (steps) with frames, frames/s, skipped and failed.
 
     Shows on global rank 0 only (Lightning disables progress bars on the other ranks); with an
@@ -79,70 +80,32 @@ class VideoProgressBar(TQDMProgressBar):
             )
 
     def init_predict_tqdm(self) -> Any:
-        bar = super().init_predict_tqdm()
-        bar.unit = "video"
-        return bar
+        return _per_video(super().init_predict_tqdm())
 
     def init_test_tqdm(self) -> Any:
-        bar = super().init_test_tqdm()
-        bar.unit = "video"
-        return bar
+        return _per_video(super().init_test_tqdm())
 
     def init_validation_tqdm(self) -> Any:
-        bar = super().init_validation_tqdm()
-        bar.unit = "video"
-        return bar
+        return _per_video(super().init_validation_tqdm())
 
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_predict_start(trainer, pl_module)
+    def _stage_bar(self, stage: Stage) -> Any:
+        if stage == "predict":
+            return self.predict_progress_bar
+        return self.test_progress_bar if stage == "test" else self.val_progress_bar
+
+    def on_stage_start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
         self._reset_counts()
-        self._listen(pl_module, self._predict_progress_bar)
+        self._listen(pl_module, self._stage_bar(stage))
 
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_test_start(trainer, pl_module)
-        self._reset_counts()
-        self._listen(pl_module, self._test_progress_bar)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_start(trainer, pl_module)
-        self._reset_counts()
-        self._listen(pl_module, self._val_progress_bar)
-
-    def on_predict_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_stage_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, stage: Stage
     ) -> None:
-        self._postfix(self._predict_progress_bar, outputs)
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._postfix(self._stage_bar(stage), outputs)
 
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._postfix(self._test_progress_bar, outputs)
-        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
-    def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._postfix(self._val_progress_bar, outputs)
-        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+def _per_video(bar: Any) -> Any:
+    bar.unit = "video"
+    return bar
 
 
 def _duration(seconds: float) -> str:

@@ -9,8 +9,7 @@ sample; the writer stores the labels and counts all three in a `RankSummary`. Ea
 from __future__ import annotations
 
 import json
-import math
-import os
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +19,14 @@ import torch
 
 from vss_lightning.data.format import VideoMeta
 
+from .files import atomic_write, json_bytes, read_json
+from .locks import FileLock
+
+log = logging.getLogger(__name__)
+
 SUMMARY_RANK = "summary-rank{rank}.json"
 SUMMARY = "summary.json"
+METRICS = "metrics.json"  # test/validate: the split's metrics (written by the writer, rank 0)
 
 
 @dataclass
@@ -189,47 +194,6 @@ class RankSummary:
         return asdict(self)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary name in the same folder and `os.replace`.
-
-    A reader (or a rerun after a kill) sees either the old file, the complete new one, or nothing;
-    never a half-written file under the final name.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)  # never through a link
-    try:
-        with os.fdopen(os.open(tmp, flags, 0o666), "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def json_bytes(obj: Any) -> bytes:
-    """JSON with NaN/inf written as null (strict JSON readers reject NaN)."""
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    return (json.dumps(clean(obj), indent=2, sort_keys=True) + "\n").encode()
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from `path`, or None when the file is missing, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def merge_summaries(ranks: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
     """Add up the rank summaries of one run.
 
@@ -301,3 +265,51 @@ def read_rank_summaries(output_dir: Path, run_id: str, world_size: int) -> list[
         if isinstance(data, dict) and data.get("run_id") == run_id:
             found.append(data)
     return found
+
+
+def write_rank_summary(output_dir: Path, summary: RankSummary) -> dict[str, Any]:
+    """Write `summary-rank<k>.json`; returns it as written (plain JSON types), for `merge_run`."""
+    data = json_bytes(summary.to_dict())
+    atomic_write(output_dir / SUMMARY_RANK.format(rank=summary.rank), data)
+    return json.loads(data)
+
+
+def merge_run(own: dict[str, Any], output_dir: Path, timeout_s: float, wait: bool) -> dict[str, Any] | None:
+    """Merge the ranks' summaries of `own`'s run into `summary.json` once all of them are there.
+
+    No collective: every rank writes its own file, then looks for the others; whichever rank sees
+    all of them writes the merged file (several may, with the same content). With `wait` (rank 0) it
+    also polls for up to `timeout_s`, then writes what it has with `missing_ranks` listed. A barrier
+    would also work here, but it would fail with the process-group timeout when ranks finish far
+    apart (uneven shards) and hang when a rank died; polling does neither. This rank's summary is
+    `own` (as `write_rank_summary` wrote it), not re-read from its file.
+
+    Returns:
+        The merged summary, or None when not every rank's is there and `wait` is False.
+    """
+    rank, world_size = own["rank"], own["world_size"]
+    deadline = time.monotonic() + (timeout_s if wait else 0.0)
+    while True:
+        found = read_rank_summaries(output_dir, own["run_id"], world_size)
+        # another job on this folder may have replaced our rank's file since we wrote `own`
+        found = [r for r in found if r.get("rank") != rank] + [own]
+        if len(found) == world_size or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if len(found) < world_size and not wait:
+        return None
+    merged = merge_summaries(found, world_size)
+    if merged["missing_ranks"]:
+        log.warning(
+            f"No summary from ranks {merged['missing_ranks']} after {timeout_s:.0f} s; "
+            f"{output_dir / SUMMARY} is partial (the last rank to finish rewrites it)."
+        )
+    lock = FileLock(output_dir / f"{SUMMARY}.lock", stale_after_s=60.0)  # jobs sharing output_dir
+    if not lock.wait(timeout_s=30.0):
+        log.warning(f"{lock.path} held for 30 s; writing {SUMMARY} without it.")
+    try:
+        previous = read_json(output_dir / SUMMARY)
+        atomic_write(output_dir / SUMMARY, json_bytes(with_earlier_runs(merged, previous)))
+    finally:
+        lock.release()
+    return merged

@@ -11,8 +11,9 @@ the method touches. It computes exactly what `AttnProcessor2_0` computes and, de
   transformer block's residual add.
 
 Layer names are the UNet module paths without the `.processor` suffix, e.g.
-`up_blocks.2.attentions.1.transformer_blocks.0.attn2`. `installed_processors` installs processors by
-name with `unet.set_attn_processor` and restores the originals on exit.
+`up_blocks.2.attentions.1.transformer_blocks.0.attn2`; `decoder_block_layer` and `svd_block_layer`
+name a decoder block's attention from the paper's block numbering. `installed_processors` installs
+processors by name with `unet.set_attn_processor` and restores the originals on exit.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +30,50 @@ from diffusers.models.attention_processor import Attention
 _SUFFIX = ".processor"
 
 
+LayerType = Literal["spatial", "temporal"]
+
+
 def decoder_attention_layers(unet: torch.nn.Module) -> list[str]:
     """Names of every self- (attn1) and cross-attention (attn2) layer of the UNet's decoder."""
     return [k[: -len(_SUFFIX)] for k in unet.attn_processors if k.startswith("up_blocks.")]
+
+
+def decoder_block_layer(
+    block: int, attention: Literal["self", "cross"], stack: str = "transformer_blocks"
+) -> str:
+    """The diffusers layer name of an SD decoder ("output") block's attention.
+
+    The paper numbers the 12 decoder blocks 0..11 as the original SD code does; blocks 3..11 have
+    attention: block n is `up_blocks[n // 3].attentions[n % 3]`.
+    """
+    if not 3 <= block <= 11:
+        raise ValueError(f"Expected `block` to be a decoder block with attention (3..11), but got {block}.")
+    kind = {"self": "attn1", "cross": "attn2"}.get(attention)
+    if kind is None:
+        raise ValueError(f"Expected `attention` to be 'self' or 'cross', but got {attention!r}.")
+    return f"up_blocks.{block // 3}.attentions.{block % 3}.{stack}.0.{kind}"
+
+
+def svd_block_layer(
+    block: int, attention: Literal["self", "cross"], layer_type: LayerType = "spatial"
+) -> str:
+    """The diffusers layer name of an SVD decoder block's attention (paper block numbering, 3..11).
+
+    Args:
+        block: decoder ("output") block, 3..11.
+        attention: "self" (attn1) or "cross" (attn2).
+        layer_type: "spatial" (attention over the pixels of a frame) or "temporal" (over the frames
+            at a pixel).
+    """
+    stack = {"spatial": "transformer_blocks", "temporal": "temporal_transformer_blocks"}.get(layer_type)
+    if stack is None:
+        raise ValueError(f"Expected a layer type 'spatial' or 'temporal', but got {layer_type!r}.")
+    return decoder_block_layer(block, attention, stack=stack)
+
+
+def is_temporal(layer: str) -> bool:
+    """Whether a layer is a temporal attention (over the frames at a pixel) of a video UNet."""
+    return ".temporal_transformer_blocks." in layer
 
 
 @dataclass

@@ -1,25 +1,31 @@
-"""Preprocessing, VAE encode/decode, forward noising and the classifier-free-guided Euler steps.
+"""The shared base of the diffusion families' samplers: preprocessing, VAE, noising, the unmodulated pass.
 
-The schedule is diffusers' `EulerDiscreteScheduler` with trailing spacing (25 steps: t = 999 - 40 i).
-Latents live in the scheduler's sigma space: x = z0 + sigma * eps; the UNet sees x / sqrt(sigma^2 + 1);
-an Euler step is x <- x + (sigma_{i+1} - sigma_i) * eps_cfg, with sigma_25 = 0.
+A diffusion family (Stable Diffusion in `sd.py`, Stable Video Diffusion in `svd_sampler.py`)
+implements `Sampler`: its conditioning (`condition`: an explicit object, handed to every CFG step)
+and its CFG step (`cfg_step`). The window of steps, VAE encode/decode in chunks, forward noising and
+the unmodulated pass are shared here.
+
+The schedules are diffusers' `EulerDiscreteScheduler` (SD: trailing spacing, 25 steps, t = 999 - 40 i;
+SVD: Karras sigmas). Latents live in the scheduler's sigma space: x = z0 + sigma * eps, with
+sigma_25 = 0.
 
 `unmodulated_pass` runs steps start..end-1 once for a batch of frames and keeps, in memory, the
-query/key of every decoder attention at every step and the latent after every step, plus the features.
+query/key of the layers the family's modulation injects at every step and the latent after every
+step, plus the features.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from .attention import AttentionControl, decoder_attention_layers, installed_processors
-from .backbone import LoadedBackbone
 from .prefix import PrefixCache
 
 ResizeMode = Literal["bicubic", "bilinear"]
@@ -103,14 +109,6 @@ def encode_latents(
     return (mean.float() + torch.cat(stds).float() * eps) * vae.config.scaling_factor
 
 
-def check_window(start_step: int, num_inference_steps: int, max_batch_images: int) -> None:
-    """Validate a sampler's step window and memory budget (shared by the SD and SVD samplers)."""
-    if not 0 <= start_step < num_inference_steps:
-        raise ValueError(f"Expected `start_step` to be in [0, {num_inference_steps}), but got {start_step}.")
-    if max_batch_images < 2:
-        raise ValueError(f"Expected `max_batch_images` to be at least 2, but got {max_batch_images}.")
-
-
 def decode_in_chunks(
     latents: torch.Tensor,
     chunk_size: int,
@@ -139,47 +137,97 @@ def decode_in_chunks(
     return torch.cat(out)
 
 
+def prepared(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A loaded module in `dtype` on `device`, in eval mode without gradients."""
+    if next(module.parameters()).dtype != dtype:
+        # (not `.to(dtype)`, which makes diffusers log a spurious float32 warning)
+        {torch.float16: module.half, torch.bfloat16: module.bfloat16, torch.float32: module.float}[dtype]()
+    return module.to(device=device).eval().requires_grad_(False)
+
+
+class LoadedModels:
+    """Device, dtype and VAE scale of loaded `unet` and `vae` attributes (shared by SD and SVD)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: Any
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE's dtype (the UNet's, unless the segmenter keeps the VAE in float32)."""
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
 @dataclass
 class PassRecord:
     """What the unmodulated pass keeps for the modulated runs, all on the compute device.
 
     Attributes:
-        qk: step index -> layer name -> (query, key), each (2, B, heads, tokens, head_dim), branch 0
-            unconditional, branch 1 conditional.
+        qk: step index -> layer name -> (query, key), each (2, N, heads, L, head_dim): branch 0
+            unconditional, branch 1 conditional, then the layer's rows per branch (SD and spatial
+            layers: N = frames, L = pixels; temporal layers: N = pixels, L = frames).
         latents: step index -> (B, 4, h, w) latent after that step.
         start_latent: (B, 4, h, w) the noised latent the runs start from.
         features: layer name -> (B, tokens, channels) conditional-branch query at the feature step.
-        prefix: the UNet prefix outputs of the first step, when asked for (see `prefix.py`).
+        conditioning: the family's conditioning the pass ran with (the modulated runs use it too).
+        prefix: the UNet prefix outputs of the first step, when the sampler keeps them (`prefix.py`).
     """
 
     qk: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]
     latents: dict[int, torch.Tensor]
     start_latent: torch.Tensor
     features: dict[str, torch.Tensor]
+    conditioning: Any = None
     prefix: PrefixCache | None = None
 
 
-class DiffusionSampler:
-    """CFG Euler sampling over a window of steps, with attention control.
+class Sampler(ABC):
+    """CFG Euler sampling of a diffusion family over a window of steps, with attention control.
 
     Args:
         backbone: the loaded backbone.
         num_inference_steps: length of the schedule (25).
-        start_step: index of the first step run (noising level; 22 -> t = 119).
-        guidance_scale: classifier-free guidance scale (5).
-        max_batch_images: most images per UNet/VAE forward (each CFG branch counts); bounds memory.
+        start_step: index of the first step run (the noising level).
+        guidance_scale: classifier-free guidance scale.
+        max_batch_images: most images per UNet forward (each CFG branch counts); bounds memory.
+        vae_batch_images: most images per VAE encode/decode.
+        qk_layers: the layers whose q/k the unmodulated pass keeps for injection (default: every
+            decoder attention; [] keeps none). The family decides them from its modulation settings.
     """
+
+    # Frames per VAE decode call (`num_frames` of a temporal decoder); None for an image VAE.
+    vae_decode_frames: int | None = None
+    # The modulated layer whose UNet prefix the unmodulated pass keeps (SD's `reuse_prefix`).
+    prefix_layer: str | None = None
 
     def __init__(
         self,
-        backbone: LoadedBackbone,
-        num_inference_steps: int = 25,
-        start_step: int = 22,
-        guidance_scale: float = 5.0,
-        max_batch_images: int = 56,
-        vae_batch_images: int = 8,
+        backbone: LoadedModels,
+        num_inference_steps: int,
+        start_step: int,
+        guidance_scale: float,
+        max_batch_images: int,
+        vae_batch_images: int,
+        qk_layers: list[str] | None = None,
     ) -> None:
-        check_window(start_step, num_inference_steps, max_batch_images)
+        if not 0 <= start_step < num_inference_steps:
+            raise ValueError(
+                f"Expected `start_step` to be in [0, {num_inference_steps}), but got {start_step}."
+            )
+        if max_batch_images < 2:
+            raise ValueError(f"Expected `max_batch_images` to be at least 2, but got {max_batch_images}.")
         self.bb = backbone
         self.guidance_scale = guidance_scale
         self.max_batch_images = max_batch_images
@@ -191,117 +239,123 @@ class DiffusionSampler:
         self.timesteps = sched.timesteps.clone()
         self.sigmas = sched.sigmas.clone().double()  # (steps + 1,), last = 0
         self.layers = decoder_attention_layers(backbone.unet)
+        self.qk_layers = list(self.layers if qk_layers is None else qk_layers)
+        unknown = [n for n in self.qk_layers if n not in self.layers]
+        if unknown:
+            raise ValueError(f"Expected `qk_layers` to be decoder attentions of the UNet, but got {unknown}.")
 
     @property
     def steps(self) -> range:
         return range(self.start_step, self.num_steps)
 
-    # -- VAE ------------------------------------------------------------------------------------
+    # -- what a family defines ----------------------------------------------------------------------
+    @abstractmethod
+    def condition(self, images: torch.Tensor) -> Any:
+        """The conditioning of a batch of (B, 3, H, W) resized frames in [-1, 1] (for `cfg_step`)."""
+
+    @abstractmethod
+    def cfg_step(self, x: torch.Tensor, step: int, cond: Any) -> torch.Tensor:
+        """One CFG Euler step of a batch of units whose two branches run in one UNet forward.
+
+        Attention control must be set up by the caller for the UNet's layout
+        [unconditional x N, conditional x N].
+        """
+
+    def _frames_per_forward(self, num_frames: int) -> int:
+        """Frames of the unmodulated pass per UNet forward (default: as many as the budget allows)."""
+        return max(1, self.max_batch_images // 2)
+
+    def _pass_step(self, x: torch.Tensor, step: int, cond: Any) -> torch.Tensor:
+        """`cfg_step` of (n, 4, h, w) frames of the unmodulated pass."""
+        return self.cfg_step(x, step, cond)
+
+    # -- VAE ------------------------------------------------------------------------------------------
+    @contextmanager
+    def encoding_dtype(self) -> Iterator[torch.dtype]:
+        """The dtype images are VAE-encoded in (a family may upcast the VAE meanwhile)."""
+        yield self.bb.vae_dtype
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) scaled latents: the posterior mean, or a
         posterior sample drawn with `generator` (see `encode_latents`)."""
-        return encode_latents(self.bb.vae, images, self.vae_batch_images, self.bb.vae_dtype, generator)
+        with self.encoding_dtype() as dtype:
+            return encode_latents(self.bb.vae, images, self.vae_batch_images, dtype, generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(N, 4, h, w) scaled latents -> (N, 3, 8h, 8w) float32 images in about [-1, 1]."""
-        vae = self.bb.vae
+        """(N, 4, h, w) scaled latents -> (N, 3, 8h, 8w) float32 images in about [-1, 1].
+
+        A temporal VAE decodes each frame on its own (`vae_decode_frames` = 1, as the SVD reference
+        does), so the result does not depend on how frames are chunked.
+        """
+        vae, bb = self.bb.vae, self.bb
+        kw = {} if self.vae_decode_frames is None else {"num_frames": self.vae_decode_frames}
         return decode_in_chunks(
             latents,
             self.vae_batch_images,
             vae.decoder,
-            lambda z: vae.decode(z.to(self.bb.vae_dtype) / vae.config.scaling_factor).sample.float(),
+            lambda z: vae.decode(
+                z.to(bb.device, bb.vae_dtype) / vae.config.scaling_factor, **kw
+            ).sample.float(),
         )
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward noising to the start step: z = z0 + sigma[start] * eps."""
         return z0 + float(self.sigmas[self.start_step]) * noise.to(z0)
 
-    # -- UNet -----------------------------------------------------------------------------------
-    def _embeddings(self, n: int) -> torch.Tensor:
-        # (2n, S, D): n unconditional then n conditional.
-        return torch.cat(
-            [self.bb.uncond_embedding.expand(n, -1, -1), self.bb.cond_embedding.expand(n, -1, -1)]
-        )
-
-    @torch.no_grad()
-    def cfg_step(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        """One CFG Euler step of a batch whose two branches are computed in one UNet forward.
-
-        Attention control (injection, modulation, recording) must be set up by the caller for the
-        layout [unconditional x N, conditional x N].
-
-        Args:
-            x: (N, 4, h, w) latents at `step`.
-            step: the step index.
-
-        Returns:
-            (N, 4, h, w) latents after the step.
-        """
-        n = x.shape[0]
-        sigma = float(self.sigmas[step])
-        model_in = (x / (sigma**2 + 1) ** 0.5).to(self.bb.dtype)
-        model_in = torch.cat([model_in, model_in])
-        t = self.timesteps[step].to(self.bb.device)
-        eps = self.bb.unet(model_in, t, encoder_hidden_states=self._embeddings(n)).sample
-        eps_u, eps_c = eps.float().chunk(2)
-        eps = eps_u + self.guidance_scale * (eps_c - eps_u)
-        return (x.float() + (float(self.sigmas[step + 1]) - sigma) * eps).to(x.dtype)
-
+    # -- the unmodulated pass ---------------------------------------------------------------------------
     @torch.no_grad()
     def unmodulated_pass(
         self,
         z_start: torch.Tensor,
+        cond: Any,
         control: AttentionControl,
         feature_layers: list[str],
         feature_step: int,
-        keep_qk: bool = True,
-        prefix_layer: str | None = None,
     ) -> PassRecord:
         """Run steps start..end-1 on a batch of frames, recording q/k, latents and features.
 
         Args:
             z_start: (B, 4, h, w) noised latents.
+            cond: the batch's conditioning (`condition`).
             control: the attention control state (processors must not be installed yet).
             feature_layers: layer names whose conditional-branch query is the feature.
             feature_step: the step whose queries are the features.
-            keep_qk: record q/k of every decoder attention (needed for injection).
-            prefix_layer: if given, keep the outputs of the UNet modules that run before this layer
-                at the first step, so modulated runs can reuse them (`record.prefix`).
 
         Returns:
-            The record; tensors stay on the compute device.
+            The record (q/k of `qk_layers`; the UNet prefix of `prefix_layer` at the first step, if
+            set); tensors stay on the compute device.
         """
         if feature_step not in self.steps:
             raise ValueError(f"Expected `feature_step` to be in {list(self.steps)}, but got {feature_step}.")
-        chunk = max(1, self.max_batch_images // 2)
-        record = PassRecord(qk={}, latents={}, start_latent=z_start, features={})
-        if prefix_layer is not None:
-            record.prefix = PrefixCache(self.bb.unet, prefix_layer)
-        layers = sorted(set(self.layers) | set(feature_layers))
+        record = PassRecord(qk={}, latents={}, start_latent=z_start, features={}, conditioning=cond)
+        if self.prefix_layer is not None:
+            record.prefix = PrefixCache(self.bb.unet, self.prefix_layer)
+        qk_layers = set(self.qk_layers)
+        chunk = self._frames_per_forward(z_start.shape[0])
         x = z_start
-        with installed_processors(self.bb.unet, layers, control):
+        with installed_processors(self.bb.unet, sorted(qk_layers | set(feature_layers)), control):
             for step in self.steps:
                 outs, qk_parts, feat_parts = [], [], []
                 keep_prefix = record.prefix is not None and record.prefix.enabled and step == self.start_step
                 with record.prefix.recording() if keep_prefix else nullcontext():
                     for xc in x.split(chunk):
                         control.reset()
-                        control.record = set(self.layers) if keep_qk else set()
+                        control.record = set(qk_layers)
                         control.capture = set(feature_layers) if step == feature_step else set()
-                        outs.append(self.cfg_step(xc, step))
-                        n = xc.shape[0]
+                        outs.append(self._pass_step(xc, step, cond))
                         qk_parts.append(
                             {
-                                k: (q.unflatten(0, (2, n)), kk.unflatten(0, (2, n)))
+                                k: (q.unflatten(0, (2, -1)), kk.unflatten(0, (2, -1)))
                                 for k, (q, kk) in control.recorded.items()
                             }
                         )
-                        feat_parts.append({k: v[n:] for k, v in control.captured.items()})  # conditional
+                        # the conditional branch: the second half of the rows
+                        feat_parts.append({k: v[v.shape[0] // 2 :] for k, v in control.captured.items()})
                 x = torch.cat(outs)
                 record.latents[step] = x
-                if keep_qk:
+                if qk_layers:
                     record.qk[step] = {
                         k: (
                             torch.cat([p[k][0] for p in qk_parts], 1),

@@ -4,6 +4,13 @@
 `load(device)` builds the backbone. `iter_segment` streams a video batch by batch (B frames), each
 frame emitted once, memory bounded by one batch whatever the video length; `segment` collects the
 labels of a whole video or clip.
+
+The segmenter talks to a diffusion family only through `Backbone` (layer names, `make_sampler`,
+`make_modulation`), `Sampler` (`encode`, `condition`, `add_noise`, `unmodulated_pass`) and
+`Modulation` (`labels`), so SD and SVD run through the same code.
+
+(Over 400 lines because `VideoSegmenter.__init__` is the CLI's config schema: its ~30 documented,
+validated arguments take half the module.)
 """
 
 from __future__ import annotations
@@ -18,11 +25,11 @@ from typing import Any, Literal
 import torch
 
 from .attention import AttentionControl
-from .backbone import Backbone, LoadedBackbone, StableDiffusion
+from .backbone import Backbone, StableDiffusion
 from .context import SceneContextModel, linf_normalize, per_frame_kmeans, resize_gt_to_grid
-from .modulation import MaskedModulation, ModulationSettings
+from .modulation import Modulation, ModulationSettings
 from .refine import correspondence_refine
-from .sampler import DiffusionSampler, ResizeMode, VaeEncode, resize_to_multiple
+from .sampler import LoadedModels, ResizeMode, Sampler, VaeEncode, resize_to_multiple
 
 LabelMode = Literal["cluster", "first_frame_gt"]
 PERFORMANCE_SETTINGS = frozenset(
@@ -222,9 +229,9 @@ class VideoSegmenter:
         blocks = self.feature_blocks if aggregate_features else (single_feature_block,)
         self.feature_layers = [self.backbone.attention_layer(b, "self") for b in blocks]
         self.cbr_layer = self.backbone.attention_layer(cbr_block, "self")
-        self._loaded: LoadedBackbone | None = None
-        self._sampler: DiffusionSampler | None = None
-        self._modulation: MaskedModulation | None = None
+        self._loaded: LoadedModels | None = None
+        self._sampler: Sampler | None = None
+        self._modulation: Modulation | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def load(self, device: torch.device | str = "cpu") -> VideoSegmenter:
@@ -243,6 +250,7 @@ class VideoSegmenter:
             vae.decoder = torch.compile(vae.decoder)
         self._sampler = self.backbone.make_sampler(
             self._loaded,
+            self.modulation,
             num_inference_steps=self.num_inference_steps,
             start_step=self.noise_step,
             guidance_scale=self.guidance_scale,
@@ -262,7 +270,7 @@ class VideoSegmenter:
         return self._loaded.device
 
     @property
-    def sampler(self) -> DiffusionSampler:
+    def sampler(self) -> Sampler:
         self._require_loaded()
         return self._sampler
 
@@ -379,22 +387,14 @@ class VideoSegmenter:
             if self.vae_encode == "sample":
                 posterior = torch.Generator().manual_seed(noise_seed(self.seed, key, start, "vae"))
             z0 = sm.encode(x, posterior)
+            cond = sm.condition(x)
             gen = torch.Generator().manual_seed(noise_seed(self.seed, key, start))
             noise = torch.randn(z0.shape, generator=gen, dtype=torch.float32)
             zt = sm.add_noise(z0.float(), noise.to(dev))
             t0 = tick("encode", t0)
-            keep_qk = self.modulation.enabled and self.modulation.inject
-            reuse = self.modulation.enabled and self.modulation.reuse_prefix
-            extra = (
-                {"prefix_layer": self.modulation.layer} if reuse and isinstance(sm, DiffusionSampler) else {}
-            )
+            # what the pass keeps for the modulation (q/k, a UNet prefix) the family set up in `load`
             record = sm.unmodulated_pass(
-                zt,
-                control,
-                self.feature_layers + [self.cbr_layer],
-                self.feature_step,
-                keep_qk=keep_qk,
-                **extra,
+                zt, cond, control, self.feature_layers + [self.cbr_layer], self.feature_step
             )
             feats, cbr_feats = self._features(record, size)
             grid = tuple(feats.shape[1:3])

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,24 +24,14 @@ import torch
 from PIL import Image
 
 from vss_lightning.data.format import encode_png
+from vss_lightning.io.files import atomic_write, json_bytes
 
 from . import kmeans
-from .fit import DONE, load_vocabulary, video_folders, vocabulary_hash
+from .corpus import DONE, video_folders
+from .fit import load_vocabulary, vocabulary_hash
 from .prototypes import PROTOTYPES, PrototypeError, VideoPrototypes
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def global_map(prototypes: VideoPrototypes, centroids: torch.Tensor) -> dict[int, int]:
@@ -110,6 +98,8 @@ def apply_vocabulary(labels: Path, vocab: Path, out: Path) -> ApplySummary:
             lut[local] = g
         target.mkdir(exist_ok=True)
         done_path.unlink(missing_ok=True)
+        for stale in target.glob(".*.tmp"):  # left by a killed run: only this run writes here
+            stale.unlink(missing_ok=True)
         for name in record.get("frame_names") or []:
             src = vdir / f"{name}.png"
             with Image.open(src) as im:
@@ -121,7 +111,7 @@ def apply_vocabulary(labels: Path, vocab: Path, out: Path) -> ApplySummary:
                     f"none in {str(vdir / PROTOTYPES)!r}. Relabel the video (delete its DONE and rerun "
                     "`predict`)."
                 )
-            _atomic_write(target / f"{name}.png", encode_png(lut[arr].astype(dtype)))
+            atomic_write(target / f"{name}.png", encode_png(lut[arr].astype(dtype)))
         done = {
             **record,
             "vocabulary_hash": vhash,
@@ -129,7 +119,7 @@ def apply_vocabulary(labels: Path, vocab: Path, out: Path) -> ApplySummary:
             "global_ids": {str(k): v for k, v in mapping.items()},
             "label_mode": "vocabulary",
         }
-        _atomic_write(done_path, (json.dumps(done, indent=2) + "\n").encode())
+        atomic_write(done_path, json_bytes(done))
         summary.written.append(vid)
     log.info(
         f"vocabulary apply: {len(summary.written)} videos written, "

@@ -17,15 +17,14 @@ File layout (safetensors, so loading runs no code):
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from vss_lightning.io.files import atomic_write
 
 PROTOTYPES = "prototypes.safetensors"
 FORMAT_VERSION = "1"
@@ -68,31 +67,20 @@ class VideoPrototypes:
     def dim(self) -> int:
         return int(self.features.shape[1])
 
+    def to_bytes(self) -> bytes:
+        """The safetensors file's bytes."""
+        tensors = {
+            "labels": self.labels.to(torch.int64).contiguous(),
+            "features": self.features.to(torch.float32).contiguous(),
+            "cells": self.cells.to(torch.int64).contiguous(),
+            "frames": self.frames.to(torch.uint8).contiguous(),
+        }
+        meta = {"video_id": self.video_id, "settings_hash": self.settings_hash, "format": FORMAT_VERSION}
+        return save(tensors, metadata=meta)
+
     def save(self, path: Path) -> None:
         """Write atomically (a temporary file renamed over `path`): a reader sees the old or the new file."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(
-                {
-                    "labels": self.labels.to(torch.int64).contiguous(),
-                    "features": self.features.to(torch.float32).contiguous(),
-                    "cells": self.cells.to(torch.int64).contiguous(),
-                    "frames": self.frames.to(torch.uint8).contiguous(),
-                },
-                tmp,
-                metadata={
-                    "video_id": self.video_id,
-                    "settings_hash": self.settings_hash,
-                    "format": FORMAT_VERSION,
-                },
-            )
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(Path(path), self.to_bytes())
 
     @classmethod
     def load(cls, path: Path) -> VideoPrototypes:

@@ -29,7 +29,7 @@ from vss_lightning.data.format import encode_png
 from vss_lightning.viz import distinct_palette, overlay, resize_max
 
 from . import kmeans
-from .fit import Corpus, FrameSource
+from .corpus import Corpus, FrameSource
 
 SHEETS = "sheets"
 INDEX_HTML = "index.html"
