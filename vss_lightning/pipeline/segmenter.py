@@ -52,11 +52,15 @@ class BatchLabels:
         indices: indices (in the input) of the emitted frames.
         labels: (n, H, W) int64 labels at the input frames' size, on the CPU.
         coarse: (n, h, w) int64 refined coarse labels at the feature grid, on the CPU.
+        features: (n, h, w, C) the aggregated, L-inf-normalised features of the emitted frames, on
+            the pipeline's device (a view of the batch's features, for the label prototypes of a
+            corpus vocabulary; reduce them before the next batch).
     """
 
     indices: list[int]
     labels: torch.Tensor
     coarse: torch.Tensor
+    features: torch.Tensor | None = None
 
 
 @dataclass
@@ -429,7 +433,9 @@ class VideoSegmenter:
             # to the CPU: the resize to the frames' size happens inside the modulation's argmax
             labels, coarse_out = full[new:].cpu(), coarse[new:].cpu()
             tick("resize", t0)
-            yield BatchLabels(indices=list(range(start + new, end)), labels=labels, coarse=coarse_out)
+            yield BatchLabels(
+                indices=list(range(start + new, end)), labels=labels, coarse=coarse_out, features=feats[new:]
+            )
             emitted = end
         if state is not None:
             state.context = ctx.state_dict() if self.context != "per_frame_kmeans" else {}
