@@ -568,3 +568,45 @@ def test_links_and_empty_shards_are_reported_not_dropped(tmp_path: Path) -> None
         failed = by_url[f"{video}-000000.tar"]
         assert isinstance(failed, FailedSample) and failed.video_id == video
         assert f"is a {kind} link (to '/etc/passwd'), which is never followed" in failed.error
+
+
+def test_a_gzip_bomb_member_stops_its_shard_before_it_fills_memory(tmp_path: Path, monkeypatch) -> None:
+    """A frame member of 128 MiB of zeros (within the per-field bound) gzips to ~130 KiB (~1000:1)."""
+    from vss_lightning.data import reader
+
+    monkeypatch.setattr(reader, "COMPRESSION_GRACE_BYTES", 4 << 20)
+    monkeypatch.setattr(reader, "READ_CHUNK_BYTES", 1 << 20)
+    path = tmp_path / "x-000000.tar.gz"
+    members = [*tar_members(clip_sample("ok", ["f0"])), ("bomb.00000.jpg", bytes(128 << 20))]
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert path.stat().st_size < 1 << 20
+    with _Cost() as cost:
+        got = read_all(str(path))
+    assert [s.video_id for s in got[:1]] == ["ok"]  # the sample before the bomb is delivered
+    assert isinstance(got[-1], FailedSample) and "max_compression_ratio" in got[-1].error, got[-1]
+    # Stopped after ~5 MiB of the 128; tarfile inflates ~10 KiB of compressed input at a time, which
+    # is up to ~10 MiB of zeros (copied a few times in its buffer): measured peak ~32 MiB.
+    assert cost.peak_mib < 64, cost.peak_mib
+
+
+def test_incompressible_members_of_a_gzipped_shard_pass_the_compression_ratio(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Encoded frames barely compress: a 6 MiB member of random bytes reads whole past a 1 MiB grace."""
+    from vss_lightning.data import reader
+
+    monkeypatch.setattr(reader, "COMPRESSION_GRACE_BYTES", 1 << 20)
+    monkeypatch.setattr(reader, "READ_CHUNK_BYTES", 1 << 20)
+    data = np.random.default_rng(0).integers(0, 256, 6 << 20, dtype=np.uint8).tobytes()
+    path = tmp_path / "x-000000.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, member in [("v.meta.json", b"{}"), ("v.00000.jpg", data)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(member)
+            tar.addfile(info, io.BytesIO(member))
+    (sample,) = list(reader.read_shard(str(path)))
+    assert sample["00000.jpg"] == data

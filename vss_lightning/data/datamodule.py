@@ -71,6 +71,7 @@ from .format import (
     decode_sample,
 )
 from .reader import (
+    DEFAULT_MAX_COMPRESSION_RATIO,
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_SHARD_BYTES,
     EmptyShardError,
@@ -142,7 +143,8 @@ def _shard_error(url: str, exn: Exception) -> str:
         return (
             f"Expected the tar headers of shard {url!r} to stay within the reader's limits, but "
             f"{what}. Samples before it were delivered; the rest of this shard was not read. Raise "
-            "`--data.max_header_bytes` / `--data.max_shard_bytes` only if the shard is trusted."
+            "`--data.max_header_bytes` / `--data.max_shard_bytes` / `--data.max_compression_ratio` only "
+            "if the shard is trusted."
         )
     return (
         f"Expected shard {url!r} to be a readable, complete tar file, but reading it failed with "
@@ -247,6 +249,7 @@ class VideoShardDataset(wds.DataPipeline):
         max_sample_pixels: largest number of pixels of one sample (frames x H x W).
         max_header_bytes: largest PAX or GNU long-name tar header (`reader.GuardedTarInfo`).
         max_shard_bytes: largest decompressed tar stream of one shard.
+        max_compression_ratio: largest decompressed / compressed bytes of a shard.
     """
 
     def __init__(
@@ -261,6 +264,7 @@ class VideoShardDataset(wds.DataPipeline):
         max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"Expected `rank` to be in [0, `world_size`={world_size}), but got {rank}.")
@@ -269,7 +273,11 @@ class VideoShardDataset(wds.DataPipeline):
         if on_error not in ("skip", "fail"):
             raise ValueError(f"Expected `on_error` to be 'skip' or 'fail', but got {on_error!r}.")
         size = {"max_pixels": max_pixels, "max_frames": max_frames, "max_sample_pixels": max_sample_pixels}
-        tar = {"max_header_bytes": max_header_bytes, "max_shard_bytes": max_shard_bytes}
+        tar = {
+            "max_header_bytes": max_header_bytes,
+            "max_shard_bytes": max_shard_bytes,
+            "max_compression_ratio": max_compression_ratio,
+        }
         self.urls = sorted(urls)
         super().__init__(
             wds.SimpleShardList(self.urls),
@@ -309,6 +317,9 @@ class VideoShardDataModule(L.LightningDataModule):
         max_shard_bytes: largest decompressed tar stream of one shard (default 64 GiB), checked from
             each member's header before it is read or skipped; reading is streamed, so memory does not
             grow with it. A shard past it stops there (reported); its earlier samples are delivered.
+        max_compression_ratio: largest decompressed / compressed bytes of a compressed shard (default
+            100; real `.tar.gz` shards of images stay near 1, a gzip bomb is about 1000), checked while
+            reading, so a bomb stops its shard (reported) after a few tens of megabytes.
     """
 
     def __init__(
@@ -321,6 +332,7 @@ class VideoShardDataModule(L.LightningDataModule):
         max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO,
     ) -> None:
         super().__init__()
         if isinstance(shards, str):
@@ -340,6 +352,10 @@ class VideoShardDataModule(L.LightningDataModule):
         for name, value, low in limits:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"Expected `{name}` to be an integer >= {low}, but got {value!r}.")
+        if isinstance(max_compression_ratio, bool) or not max_compression_ratio >= 1:
+            raise ValueError(
+                f"Expected `max_compression_ratio` to be a number >= 1, but got {max_compression_ratio!r}."
+            )
         if on_error not in ("skip", "fail"):
             raise ValueError(f"Expected `on_error` to be 'skip' or 'fail', but got {on_error!r}.")
         self.save_hyperparameters()
@@ -347,6 +363,7 @@ class VideoShardDataModule(L.LightningDataModule):
         self.num_workers, self.max_pixels, self.max_frames = num_workers, max_pixels, max_frames
         self.max_sample_pixels = max_sample_pixels
         self.max_header_bytes, self.max_shard_bytes = max_header_bytes, max_shard_bytes
+        self.max_compression_ratio = float(max_compression_ratio)
         self.on_error = on_error
         self._urls: list[str] | None = None
         self._expected: dict[str, int] = {}
@@ -384,7 +401,7 @@ class VideoShardDataModule(L.LightningDataModule):
             )
         return VideoShardDataset(
             self.urls, rank, world_size, self.max_pixels, self.max_frames, self.on_error, self._expected,
-            self.max_sample_pixels, self.max_header_bytes, self.max_shard_bytes,
+            self.max_sample_pixels, self.max_header_bytes, self.max_shard_bytes, self.max_compression_ratio,
         )  # fmt: skip
 
     def _loader(self) -> DataLoader:

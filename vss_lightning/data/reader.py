@@ -22,6 +22,14 @@ member that would take the shard's decompressed stream past `max_shard_bytes`, s
 `TarLimitError` (the samples before it delivered). The stream is decompressed
 and skipped in fixed-size blocks, so memory stays bounded whatever a compressed shard expands to.
 
+A member that is read into memory is also held to `max_compression_ratio` (its decompressed bytes
+per compressed byte of the shard consumed while reading it, checked after each chunk once it is past
+`COMPRESSION_GRACE_BYTES`): frames and label PNGs are already compressed, so in a real `.tar.gz`
+shard they stay near 1:1, while a gzip bomb expands about 1000:1. Such a member stops the shard
+(`TarLimitError`) after a few tens of megabytes instead of filling memory with what it expands to
+within the per-field and per-sample bounds. (Members skipped unread are decompressed in blocks and
+never held, so they cost time, bounded by `max_shard_bytes`, not memory.)
+
 Members are grouped into samples by the part of their name before the first dot of the base name,
 as WebDataset does (`base_plus_ext`), in tar order. `read_shard` reads one shard and raises when it
 cannot be opened or read on to its end, after yielding the sample being read when the damage was
@@ -52,6 +60,9 @@ from .format import (
 _BLOCK = tarfile.BLOCKSIZE
 DEFAULT_MAX_HEADER_BYTES = 1 << 20  # one PAX / GNU long-name header (a path is at most a few KiB)
 DEFAULT_MAX_SHARD_BYTES = 64 << 30  # decompressed bytes of one shard (streamed: not held in memory)
+DEFAULT_MAX_COMPRESSION_RATIO = 100.0  # decompressed / compressed bytes of a shard (gzip bombs: ~1000)
+COMPRESSION_GRACE_BYTES = 32 << 20  # decompressed bytes before the ratio is checked (small shards vary)
+READ_CHUNK_BYTES = 8 << 20  # a member is read in chunks of this size, the ratio checked after each
 
 
 class TarLimitError(ValueError):
@@ -93,6 +104,44 @@ class GuardedTarInfo(tarfile.TarInfo):
         return super()._proc_pax(tar)
 
 
+class CountingReader:
+    """A read-only file wrapper that counts the bytes read from the underlying (compressed) file."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.count = raw, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.count += len(data)
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class RatioGuard:
+    """Stops a member being read into memory that outgrows `max_ratio` x the compressed bytes it took."""
+
+    def __init__(self, counter: CountingReader, max_ratio: float) -> None:
+        self.counter, self.max_ratio = counter, max_ratio
+        self.start = 0
+
+    def begin(self) -> None:
+        """A member starts being read."""
+        self.start = self.counter.count
+
+    def check(self, name: str, decompressed: int) -> None:
+        """After `decompressed` bytes of member `name` were read."""
+        compressed = max(self.counter.count - self.start, 1)
+        if decompressed > COMPRESSION_GRACE_BYTES and decompressed > self.max_ratio * compressed:
+            raise TarLimitError(
+                f"member {name[:200]!r} decompressed to {decompressed} bytes from {compressed} compressed "
+                f"bytes ({decompressed / compressed:.0f}:1, over the limit of {self.max_ratio:g}:1, "
+                "`max_compression_ratio`): a compression bomb, or a member that is not an encoded image; "
+                "the rest of the shard was not read"
+            )
+
+
 def _guarded(max_header_bytes: int, max_shard_bytes: int) -> type[GuardedTarInfo]:
     return type(
         "ShardTarInfo",
@@ -121,6 +170,7 @@ def read_shard(
     max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO,
 ) -> Iterator[dict[str, Any]]:
     """Yield the samples of one shard: `{"__key__", "__url__", "__ignored__", field: bytes, ...}`.
 
@@ -136,13 +186,18 @@ def read_shard(
         max_header_bytes: largest PAX or GNU long-name header (`GuardedTarInfo`).
         max_shard_bytes: largest decompressed tar stream of the shard, checked from each header
             before its member is read or skipped.
+        max_compression_ratio: largest decompressed / compressed bytes of the shard (`RatioGuard`).
     """
     max_fields = 2 * max_frames + 1
     max_bytes = sample_byte_limit(max_sample_pixels)
     info_class = _guarded(max_header_bytes, max_shard_bytes)
     sample: dict[str, Any] | None = None
     try:
-        with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=info_class) as tar:
+        with (
+            gopen(url) as raw,
+            tarfile.open(fileobj=(counter := CountingReader(raw)), mode="r|*", tarinfo=info_class) as tar,
+        ):
+            guard = RatioGuard(counter, max_compression_ratio)
             yielded = nbytes = 0
             for info in tar:
                 tar.members = []  # stream mode keeps every header otherwise
@@ -175,7 +230,9 @@ def read_shard(
                         sample["__ignored_names__"].append(field)
                     continue
                 nbytes += _BLOCK + -(-info.size // _BLOCK) * _BLOCK
-                sample[field] = _read(tar, info, field, sample, nbytes, max_bytes, max_fields, max_pixels)
+                sample[field] = _read(
+                    tar, info, field, sample, nbytes, max_bytes, max_fields, max_pixels, guard
+                )
         last, sample = sample, None
         if last is not None:
             yield last
@@ -195,6 +252,7 @@ def tar_samples(
     max_sample_pixels: int = DEFAULT_MAX_SAMPLE_PIXELS,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO,
 ) -> Iterator[dict[str, Any]]:
     """`read_shard` over a stream of shards, as a WebDataset pipeline stage with a WebDataset handler.
 
@@ -202,15 +260,16 @@ def tar_samples(
         src: shard urls, or dicts with a "url" (as WebDataset's shard lists and splitters pass them).
         handler: called with the exception when a shard cannot be opened or read on; True goes on with
             the next shard, False stops.
-        max_pixels, max_frames, max_sample_pixels, max_header_bytes, max_shard_bytes: as in
-            `read_shard`.
+        max_pixels, max_frames, max_sample_pixels, max_header_bytes, max_shard_bytes,
+            max_compression_ratio: as in `read_shard`.
     """
     for item in src:
         url = item["url"] if isinstance(item, dict) else str(item)
         try:
             yield from read_shard(
-                url, max_pixels, max_frames, max_sample_pixels, max_header_bytes, max_shard_bytes
-            )
+                url, max_pixels, max_frames, max_sample_pixels, max_header_bytes, max_shard_bytes,
+                max_compression_ratio,
+            )  # fmt: skip
         except Exception as exn:  # noqa: BLE001 - whatever a damaged shard raises goes to the handler
             if not handler(exn):
                 break
@@ -225,8 +284,10 @@ def _read(
     max_bytes: int,
     max_fields: int,
     max_pixels: int,
+    guard: RatioGuard | None = None,
 ) -> bytes | Refused:
-    """A member's bytes, or `Refused` (unread) when it repeats or is too large."""
+    """A member's bytes (read in chunks, the compression ratio checked after each), or `Refused`
+    (unread) when it repeats or is too large."""
     limit = field_byte_limit(field, max_pixels)
     if field in sample:
         return Refused(f"the shard holds it more than once (member {info.name!r})")
@@ -240,4 +301,17 @@ def _read(
     if len(sample) - 3 >= max_fields:
         return Refused(f"the sample has more than {max_fields} frame, label and meta fields")
     f = tar.extractfile(info)
-    return f.read() if f is not None else b""
+    if f is None:
+        return b""
+    parts, done = [], 0
+    if guard is not None:
+        guard.begin()
+    while done < info.size:
+        chunk = f.read(min(READ_CHUNK_BYTES, info.size - done))
+        if not chunk:
+            break
+        parts.append(chunk)
+        done += len(chunk)
+        if guard is not None:
+            guard.check(info.name, done)
+    return b"".join(parts)
