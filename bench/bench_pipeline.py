@@ -27,9 +27,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vss_lightning.pipeline.modulation import ModulationSettings  # noqa: E402
 from vss_lightning.pipeline.random_backbones import RandomStableDiffusion, TinyStableDiffusion  # noqa: E402
 from vss_lightning.pipeline.segmenter import VideoSegmenter  # noqa: E402
+from vss_lightning.pipeline.settings import ContextSettings, SpeedSettings  # noqa: E402
 
 
 def _timer(device: torch.device):
@@ -122,13 +122,14 @@ def main() -> None:
     bb = RandomStableDiffusion(dtype=args.dtype) if args.backbone == "random" else TinyStableDiffusion()
     seg = VideoSegmenter(
         backbone=bb,
-        batch_size=args.frames,
-        num_clusters=args.clusters,
-        max_batch_images=args.max_batch_images,
-        vae_batch_images=args.vae_batch_images,
-        modulation=ModulationSettings(reuse_prefix=not args.no_prefix_reuse),
-        compile_vae_decoder=args.compile_vae,
-        channels_last=args.channels_last,
+        context=ContextSettings(batch_size=args.frames, num_clusters=args.clusters),
+        speed=SpeedSettings(
+            max_batch_images=args.max_batch_images,
+            vae_batch_images=args.vae_batch_images,
+            reuse_prefix=not args.no_prefix_reuse,
+            compile_vae_decoder=args.compile_vae,
+            channels_last=args.channels_last,
+        ),
     ).load(device)
     frames = load_frames(args)
     result: dict = {

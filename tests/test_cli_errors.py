@@ -57,7 +57,11 @@ def shard(tmp_path: Path) -> str:
     [
         (["--model.label_mod", "cluster"], "--model.label_mode"),  # also: no silent prefix matching
         (["--outptu_dir", "x"], "--output_dir"),
-        (["--model.segmenter.init_args.num_cluster", "3"], "--model.segmenter.init_args.num_clusters"),
+        (["--model.segmenter.init_args.context.num_cluster", "3"],
+         "--model.segmenter.init_args.context.num_clusters"),
+        # a key of the flat settings before they were grouped by stage (issue 14) finds its group
+        (["--model.segmenter.init_args.max_batch_images", "3"],
+         "--model.segmenter.init_args.speed.max_batch_images"),
         (["--model.segmenter.init_args.modulation.strenght", "3"],
          "--model.segmenter.init_args.modulation.strength"),
     ],

@@ -140,7 +140,7 @@ print(json.dumps({"results": results, "heavy": [m for m in sys.argv[2:] if m in 
 def test_help_and_a_misspelled_key_import_no_heavy_library(fresh, tmp_path):
     """A fresh process answers `--help`, `predict --help` and a misspelled key from the snapshot: no
     torch, Lightning, jsonargparse or diffusers import, the full parser's texts, exit statuses 0 and 2."""
-    misspelled = ["predict", "--config", SMOKE, "--model.segmenter.init_args.batch_sise", "3"]
+    misspelled = ["predict", "--config", SMOKE, "--model.segmenter.init_args.context.batch_sise", "3"]
     calls = [
         ["vss-lightning", ["--help"]],
         ["vss-lightning", ["predict", "--help"]],
@@ -161,25 +161,25 @@ def test_help_and_a_misspelled_key_import_no_heavy_library(fresh, tmp_path):
     code, out, err = answer["results"][3]
     assert code == cli.EXIT_USAGE and out == ""
     assert err == cli_schema.precheck(misspelled, "vss-lightning", fresh["schema"])
-    assert err.splitlines()[0].endswith("Did you mean `--model.segmenter.init_args.batch_size`?")
+    assert err.splitlines()[0].endswith("Did you mean `--model.segmenter.init_args.context.batch_size`?")
 
 
 ANSWERED = [
-    ["predict", "--config", SMOKE, "--model.segmenter.init_args.batch_sise", "3"],
+    ["predict", "--config", SMOKE, "--model.segmenter.init_args.context.batch_sise", "3"],
     ["predict", "--outptu_dir", "x"],
     ["predict", "--outptu_dir=x", "--foo", "y"],
     ["test", "--model.label_mod", "cluster"],
     ["validate", "--model.segmenter.init_args.modulation.strenght", "3"],
     ["predict", "--model.segmenter.num_cluster=3"],
-    ["predict", "--outptu_dir", "x", "--model.segmenter.init_args.num_cluster", "3",
-     "--model.segmenter.init_args.batch_sise", "3"],
+    ["predict", "--outptu_dir", "x", "--model.segmenter.init_args.context.num_cluster", "3",
+     "--model.segmenter.init_args.context.batch_sise", "3"],
     ["predict", "stray", "--write_previews", "--trainer.max_epoch", "3"],
     ["predict", "-c", SMOKE, "--model.segmenterr", "x", "--data.num_workers", "0"],
 ]  # fmt: skip
 DEFERRED = [  # the snapshot cannot decide these: the full parser answers
     ["predict", "--model.segmenter.init_args.backbone.init_args.sed", "3"],
     ["predict", "--trainer.max_epochs.foo", "3"],
-    ["predict", "--model.segmenter", "my.Seg", "--model.segmenter.init_args.batch_sise", "3"],
+    ["predict", "--model.segmenter", "my.Seg", "--model.segmenter.init_args.context.batch_sise", "3"],
     ["predict", "--config", "/nonexistent/config.yaml", "--outptu_dir", "x"],
     ["predict", "--model.segmenter.init_args.zzzzzzzzzzzzzzzzzzzz", "3"],  # no close match
 ]

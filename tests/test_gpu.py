@@ -13,10 +13,12 @@ import torch
 
 from vss_lightning.pipeline.attention import AttentionControl
 from vss_lightning.pipeline.context import kmeans
-from vss_lightning.pipeline.modulation import ModulationSettings
 from vss_lightning.pipeline.random_backbones import RandomStableDiffusion
 from vss_lightning.pipeline.sampler import resize_to_multiple
 from vss_lightning.pipeline.segmenter import VideoSegmenter
+from vss_lightning.pipeline.settings import ContextSettings, SpeedSettings
+
+CONTEXT = ContextSettings(batch_size=4, num_clusters=6)
 
 pytestmark = pytest.mark.gpu
 
@@ -29,14 +31,14 @@ def cuda():
 
 
 def _pass(seg: VideoSegmenter, frames: torch.Tensor):
-    """The unmodulated pass (the sampler decides prefix reuse from the segmenter's modulation settings)."""
+    """The unmodulated pass (the sampler decides prefix reuse from the segmenter's speed settings)."""
     sm = seg.sampler
     x = resize_to_multiple(frames.to(seg.device))
     z0 = sm.encode(x)
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
     zt = sm.add_noise(z0.float(), noise.to(seg.device))
     layers = seg.feature_layers + [seg.cbr_layer]
-    rec = sm.unmodulated_pass(zt, sm.condition(x), AttentionControl(), layers, seg.feature_step)
+    rec = sm.unmodulated_pass(zt, sm.condition(x), AttentionControl(), layers, seg.features.step)
     feats, _ = seg._features(rec, tuple(x.shape[-2:]))
     return rec, feats, tuple(x.shape[-2:])
 
@@ -49,9 +51,7 @@ def test_fp16_agrees_with_fp32_on_a_real_clip(cuda, swan_frames):
     frames = swan_frames[:4]
     out = {}
     for dtype in ("float32", "float16"):
-        seg = VideoSegmenter(backbone=RandomStableDiffusion(dtype=dtype), batch_size=4, num_clusters=6).load(
-            cuda
-        )
+        seg = VideoSegmenter(backbone=RandomStableDiffusion(dtype=dtype), context=CONTEXT).load(cuda)
         rec, feats, size = _pass(seg, frames)
         if dtype == "float32":
             coarse = kmeans(feats.flatten(0, 2), 6, n_init=2).view(feats.shape[:3])
@@ -67,23 +67,17 @@ def test_fp16_agrees_with_fp32_on_a_real_clip(cuda, swan_frames):
 
 def test_optimised_paths_equal_the_plain_path_on_gpu(cuda, swan_frames):
     frames = swan_frames[:4]
-    seg = VideoSegmenter(backbone=RandomStableDiffusion(dtype="float16"), batch_size=4, num_clusters=6).load(
-        cuda
-    )
+    seg = VideoSegmenter(backbone=RandomStableDiffusion(dtype="float16"), context=CONTEXT).load(cuda)
     rec, feats, size = _pass(seg, frames)
     coarse = kmeans(feats.flatten(0, 2), 6, n_init=2).view(feats.shape[:3])
     fast = _labels(seg, rec, coarse, size)  # prefix reuse + 56-image chunks
     plain_seg = VideoSegmenter(
         backbone=RandomStableDiffusion(dtype="float16"),
-        batch_size=4,
-        num_clusters=6,
-        max_batch_images=4,
-        modulation=ModulationSettings(reuse_prefix=False),
+        context=CONTEXT,
+        speed=SpeedSettings(max_batch_images=4, reuse_prefix=False),
     )
     plain_seg._loaded, plain_seg._sampler = seg._loaded, None  # same weights, other settings
-    plain_seg._sampler = plain_seg.backbone.make_sampler(
-        seg._loaded, plain_seg.modulation, max_batch_images=4
-    )
+    plain_seg._sampler = plain_seg.backbone.make_sampler(seg._loaded, plain_seg.modulation, plain_seg.speed)
     plain_seg._modulation = plain_seg.backbone.make_modulation(plain_seg.modulation, plain_seg._sampler)
     rec_plain, _, _ = _pass(plain_seg, frames)
     plain = _labels(plain_seg, rec_plain, coarse, size)  # one unit (2 signs x 2 branches) per forward

@@ -12,6 +12,7 @@ from vss_lightning.pipeline.modulation import ModulationSettings, decoder_block_
 from vss_lightning.pipeline.random_backbones import TinyStableDiffusion
 from vss_lightning.pipeline.scoring import difference_maps, gaussian_blur, upsample_labels
 from vss_lightning.pipeline.sd import SDModulation, SDSampler
+from vss_lightning.pipeline.settings import SpeedSettings
 
 FEAT = "up_blocks.2.attentions.1.transformer_blocks.0.attn1"
 
@@ -176,9 +177,12 @@ def test_prefix_reuse_leaves_latents_and_labels_unchanged(tiny_backbone):
 
 def test_the_family_sets_up_the_pass_for_its_modulation(tiny_backbone):
     family = TinyStableDiffusion()
-    sm = family.make_sampler(tiny_backbone, ModulationSettings(), max_batch_images=8)
+    sm = family.make_sampler(tiny_backbone, ModulationSettings(), SpeedSettings(max_batch_images=8))
     assert sm.qk_layers == sm.layers and sm.prefix_layer == ModulationSettings().layer
-    plain = family.make_sampler(tiny_backbone, ModulationSettings(inject=False, reuse_prefix=False))
+    assert sm.max_batch_images == 8
+    plain = family.make_sampler(
+        tiny_backbone, ModulationSettings(inject=False), SpeedSettings(reuse_prefix=False)
+    )
     assert plain.qk_layers == [] and plain.prefix_layer is None
     off = family.make_sampler(tiny_backbone, ModulationSettings(enabled=False))
     assert off.qk_layers == [] and off.prefix_layer is None

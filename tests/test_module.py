@@ -27,13 +27,14 @@ from vss_lightning.io.writer import PseudoLabelWriter
 from vss_lightning.module import ZeroShotVSS, seed_key
 from vss_lightning.pipeline.random_backbones import TinyStableDiffusion
 from vss_lightning.pipeline.segmenter import BatchLabels, VideoSegmenter
+from vss_lightning.pipeline.settings import ContextSettings, SpeedSettings
 
 
 class FakeSegmenter(VideoSegmenter):
     """Records each call; labels = clip offset + frame index (mod 4); raises OOM on demand."""
 
     def __init__(self, oom_times: int = 0) -> None:
-        super().__init__(TinyStableDiffusion(), batch_size=2, num_clusters=3)
+        super().__init__(TinyStableDiffusion(), context=ContextSettings(batch_size=2, num_clusters=3))
         self.calls: list[dict] = []
         self.oom_times = oom_times
         self._loaded = object()
@@ -69,7 +70,9 @@ def _sample(
 
 
 def test_no_trainable_parameters_even_when_loaded(tiny_backbone):
-    module = ZeroShotVSS(VideoSegmenter(TinyStableDiffusion(), batch_size=2, num_clusters=3))
+    module = ZeroShotVSS(
+        VideoSegmenter(TinyStableDiffusion(), context=ContextSettings(batch_size=2, num_clusters=3))
+    )
     module.load("cpu")
     assert module.segmenter.loaded
     assert sum(p.numel() for p in module.parameters()) == 0
@@ -157,15 +160,35 @@ def test_complete_videos_are_skipped_before_the_pipeline_runs():
 
 
 def test_settings_hash_follows_the_settings():
-    a = ZeroShotVSS(VideoSegmenter(TinyStableDiffusion(), num_clusters=3))
-    b = ZeroShotVSS(VideoSegmenter(TinyStableDiffusion(), num_clusters=4))
-    c = ZeroShotVSS(VideoSegmenter(TinyStableDiffusion(), num_clusters=3), label_mode="first_frame_gt")
+    def segmenter(k: int) -> VideoSegmenter:
+        return VideoSegmenter(TinyStableDiffusion(), context=ContextSettings(num_clusters=k))
+
+    a, b = ZeroShotVSS(segmenter(3)), ZeroShotVSS(segmenter(4))
+    c = ZeroShotVSS(segmenter(3), label_mode="first_frame_gt")
     assert len({a.settings_hash(), b.settings_hash(), c.settings_hash()}) == 3
-    assert (
-        a.settings_hash()
-        == ZeroShotVSS(VideoSegmenter(TinyStableDiffusion(), num_clusters=3)).settings_hash()
-    )
+    assert a.settings_hash() == ZeroShotVSS(segmenter(3)).settings_hash()
     assert a.output_info()["backbone"] == "TinyStableDiffusion(seed=0)"
+
+
+# The settings hash of the default settings (Stable Diffusion 2.1 base from the hub, cluster labels).
+# A finished video is skipped on resume only under the same hash, so CHANGING THIS VALUE INVALIDATES
+# EVERY USER'S FINISHED OUTPUTS (a rerun recomputes them all). Change it only deliberately: when a new
+# label-affecting setting is added or the hash's construction changes, and say so in the changelog.
+DEFAULT_SETTINGS_HASH = "d732bb2bb9288959"
+
+
+def test_the_hash_of_the_default_settings_is_pinned():
+    module = ZeroShotVSS(VideoSegmenter())
+    assert module.segmenter.backbone.description == (
+        "StableDiffusion(stabilityai/stable-diffusion-2-1-base@main,default)"
+    )
+    assert module.settings_hash() == DEFAULT_SETTINGS_HASH, module.segmenter.settings()
+    # speed-only settings do not move it; a label-affecting one does
+    fast = VideoSegmenter(speed=SpeedSettings(max_batch_images=8, reuse_prefix=False, channels_last=True))
+    assert ZeroShotVSS(fast).settings_hash() == DEFAULT_SETTINGS_HASH
+    assert ZeroShotVSS(VideoSegmenter(speed=SpeedSettings(vae_tiling=True))).settings_hash() != (
+        DEFAULT_SETTINGS_HASH
+    )
 
 
 def test_constructor_errors():
@@ -179,8 +202,8 @@ def test_constructor_errors():
 def test_test_stage_scores_and_writes_metrics(tmp_path):
     """Trainer.test with the tiny backbone on labelled shards: labels written, metrics.json computed."""
     videos = make_shards(tmp_path / "shards", [[("lab_a", 3), ("lab_b", 2)]], labelled=True)
-    segmenter = VideoSegmenter(TinyStableDiffusion(), batch_size=4, num_clusters=3, kmeans_n_init=1,
-                               max_batch_images=16)  # fmt: skip
+    segmenter = VideoSegmenter(TinyStableDiffusion(), context=ContextSettings(batch_size=4, num_clusters=3,
+                               kmeans_n_init=1), speed=SpeedSettings(max_batch_images=16))  # fmt: skip
     module = ZeroShotVSS(segmenter, label_mode="first_frame_gt", num_classes=4)
     out = tmp_path / "out"
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -211,7 +234,9 @@ def test_labels_do_not_depend_on_what_ran_before():
         return VideoSample(VideoMeta(v.video_id, v.names, [(128, 192)] * 3), frames, None)
 
     def run(order):
-        seg = VideoSegmenter(TinyStableDiffusion(), batch_size=4, num_clusters=3, kmeans_n_init=1)
+        seg = VideoSegmenter(
+            TinyStableDiffusion(), context=ContextSettings(batch_size=4, num_clusters=3, kmeans_n_init=1)
+        )
         module = ZeroShotVSS(seg).load("cpu")
         return {v.video_id: module.run_sample(sample(v)).labels for v in order}
 

@@ -16,6 +16,7 @@ from vss_lightning.pipeline.sampler import resize_to_multiple
 from vss_lightning.pipeline.scoring import LabelVote, difference_maps, filter_by_mask, upsample_labels
 from vss_lightning.pipeline.sd import SDModulation, SDSampler
 from vss_lightning.pipeline.segmenter import VideoSegmenter, noise_seed
+from vss_lightning.pipeline.settings import ContextSettings, FrameSettings
 
 
 # -- resize -------------------------------------------------------------------------------------------
@@ -184,14 +185,15 @@ def test_vae_sample_is_seeded_and_differs_from_the_mean(tiny_backbone):
     assert abs(float(eps.mean())) < 0.2 and abs(float(eps.std()) - 1) < 0.2
 
 
-def _segmenter(**kw) -> VideoSegmenter:
-    kw.setdefault("num_clusters", 3)
-    kw.setdefault("kmeans_n_init", 1)
+def _segmenter(batch_size: int = 14, **kw) -> VideoSegmenter:
+    kw.setdefault("context", ContextSettings(batch_size=batch_size, num_clusters=3, kmeans_n_init=1))
     return VideoSegmenter(backbone=TinyStableDiffusion(seed=0), **kw).load("cpu")
 
 
 def test_vae_sample_is_seeded_from_the_video_key(monkeypatch):
-    seg = _segmenter(batch_size=2, vae_encode="sample", modulation=ModulationSettings(enabled=False))
+    seg = _segmenter(
+        batch_size=2, frames=FrameSettings(vae_encode="sample"), modulation=ModulationSettings(enabled=False)
+    )
     seeds, latents = [], []
     real = seg.sampler.encode
 
@@ -212,7 +214,7 @@ def test_vae_sample_is_seeded_from_the_video_key(monkeypatch):
     assert torch.equal(a.labels, b.labels) and torch.equal(latents[0], latents[2])
     seg.segment(frames, key="video-b:0")
     assert seeds[4] != seeds[0] and not torch.allclose(latents[4], latents[0], atol=1e-3)
-    seg.vae_encode = "mean"
+    seg.frames.vae_encode = "mean"
     seg.segment(frames, key="video-a:0")
     assert seeds[6] is None and not torch.allclose(latents[6], latents[0], atol=1e-3)
 
@@ -222,9 +224,8 @@ def test_vae_can_stay_float32_beside_a_low_precision_unet():
     # bfloat16 is computed as such on the CPU (float16 is not), so it stands in for a GPU's float16.
     seg = VideoSegmenter(
         backbone=TinyStableDiffusion(seed=0, dtype="bfloat16"),
-        num_clusters=2,
-        kmeans_n_init=1,
-        vae_dtype="float32",
+        context=ContextSettings(num_clusters=2, kmeans_n_init=1),
+        frames=FrameSettings(vae_dtype="float32"),
     ).load("cpu")
     loaded = seg._loaded
     assert loaded.dtype == torch.bfloat16 and loaded.vae_dtype == torch.float32
@@ -234,7 +235,7 @@ def test_vae_can_stay_float32_beside_a_low_precision_unet():
     assert seg.sampler.decode(z).dtype == torch.float32
     auto = VideoSegmenter(backbone=TinyStableDiffusion(seed=0, dtype="bfloat16")).load("cpu")
     assert auto._loaded.vae_dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="Expected `vae_dtype`"):
-        VideoSegmenter(backbone=TinyStableDiffusion(), vae_dtype="float16")
-    with pytest.raises(ValueError, match="Expected `vae_encode`"):
-        VideoSegmenter(backbone=TinyStableDiffusion(), vae_encode="mode")
+    with pytest.raises(ValueError, match="Expected `frames.vae_dtype`"):
+        FrameSettings(vae_dtype="float16")
+    with pytest.raises(ValueError, match="Expected `frames.vae_encode`"):
+        FrameSettings(vae_encode="mode")

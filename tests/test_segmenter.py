@@ -8,11 +8,22 @@ import torch
 from vss_lightning.pipeline.modulation import ModulationSettings
 from vss_lightning.pipeline.random_backbones import TinyStableDiffusion
 from vss_lightning.pipeline.segmenter import VideoSegmenter, VideoState, batch_starts
+from vss_lightning.pipeline.settings import (
+    LABEL_SETTINGS,
+    ContextSettings,
+    FeatureSettings,
+    FrameSettings,
+    RefinementSettings,
+    SamplingSettings,
+    SpeedSettings,
+)
+
+NO_MODULATION = ModulationSettings(enabled=False)
 
 
-def _segmenter(**kw) -> VideoSegmenter:
-    kw.setdefault("num_clusters", 4)
-    kw.setdefault("kmeans_n_init", 2)
+def _segmenter(batch_size: int = 14, num_clusters: int = 4, **kw) -> VideoSegmenter:
+    context = ContextSettings(batch_size=batch_size, num_clusters=num_clusters, kmeans_n_init=2)
+    kw.setdefault("context", context)
     return VideoSegmenter(backbone=TinyStableDiffusion(seed=0), **kw).load("cpu")
 
 
@@ -23,7 +34,7 @@ def test_batch_starts_cover_every_frame_once_with_an_overlapping_last_batch():
 
 
 def test_swan_one_batch_at_full_size(swan_frames):
-    seg = _segmenter(modulation=ModulationSettings(enabled=False))
+    seg = _segmenter(modulation=NO_MODULATION)
     res = seg.segment(swan_frames, key="swan:0")
     assert res.labels.shape == (14, 480, 854)
     assert res.coarse.shape == (14, 28, 52)  # 1/16 of 448x832
@@ -34,7 +45,7 @@ def test_swan_one_batch_at_full_size(swan_frames):
 def test_swan_full_method_is_deterministic(swan_frames):
     # The modulated method on the real clip, downscaled so that the CPU run takes seconds.
     small = torch.nn.functional.interpolate(swan_frames.float(), size=(128, 256), mode="area").round().byte()
-    seg = _segmenter(max_batch_images=64)
+    seg = _segmenter(speed=SpeedSettings(max_batch_images=64))
     a = seg.segment(small, key="swan:0")
     b = seg.segment(small, key="swan:0")
     assert a.labels.shape == (14, 128, 256) and a.coarse.shape == (14, 8, 16)
@@ -49,7 +60,7 @@ def test_swan_full_method_is_deterministic(swan_frames):
 def test_camvid_several_batches_first_frame_gt(camvid_clip):
     frames, gt = camvid_clip
     frames = frames[:18]  # batches start at 0, 8 and 10 (the last overlaps)
-    seg = _segmenter(batch_size=8, modulation=ModulationSettings(enabled=False))
+    seg = _segmenter(batch_size=8, modulation=NO_MODULATION)
     emitted = []
     state = VideoState()
     for out in seg.iter_segment(frames, first_frame_gt=gt[0], state=state, key="0006R0:0"):
@@ -65,7 +76,7 @@ def test_camvid_several_batches_first_frame_gt(camvid_clip):
 
 def test_camvid_modulated_labels_are_a_subset_of_the_coarse_labels(camvid_clip):
     frames, _ = camvid_clip
-    seg = _segmenter(batch_size=4, max_batch_images=64)
+    seg = _segmenter(batch_size=4, speed=SpeedSettings(max_batch_images=64))
     res = seg.segment(frames[:6], key="0006R0:0")  # batches at 0 and 2 (overlap)
     assert res.labels.shape == (6, 360, 480)
     for t in range(6):
@@ -74,7 +85,7 @@ def test_camvid_modulated_labels_are_a_subset_of_the_coarse_labels(camvid_clip):
 
 def test_clips_carry_the_context_memory(camvid_clip):
     frames, _ = camvid_clip
-    seg = _segmenter(batch_size=4, modulation=ModulationSettings(enabled=False))
+    seg = _segmenter(batch_size=4, modulation=NO_MODULATION)
     state = VideoState()
     first = seg.segment(frames[:8], state=state, key="v:0")
     second = seg.segment(frames[8:16], state=state, key="v:8")
@@ -84,11 +95,10 @@ def test_clips_carry_the_context_memory(camvid_clip):
 def test_per_frame_kmeans_baseline_and_ablation_switches(camvid_clip):
     frames, _ = camvid_clip
     seg = _segmenter(
-        batch_size=4,
-        context="per_frame_kmeans",
-        cbr=False,
-        aggregate_features=False,
-        modulation=ModulationSettings(enabled=False),
+        context=ContextSettings(method="per_frame_kmeans", batch_size=4, num_clusters=4, kmeans_n_init=2),
+        refinement=RefinementSettings(enabled=False),
+        features=FeatureSettings(aggregate=False),
+        modulation=NO_MODULATION,
     )
     res = seg.segment(frames[:4], key="v:0")
     assert res.labels.shape == (4, 360, 480)
@@ -96,7 +106,7 @@ def test_per_frame_kmeans_baseline_and_ablation_switches(camvid_clip):
 
 
 def test_user_errors_are_clear():
-    seg = _segmenter(modulation=ModulationSettings(enabled=False))
+    seg = _segmenter(modulation=NO_MODULATION)
     with pytest.raises(ValueError, match="at least one frame"):
         seg.segment(torch.zeros((0, 3, 64, 64), dtype=torch.uint8))
     with pytest.raises(ValueError, match="3 channels"):
@@ -106,28 +116,76 @@ def test_user_errors_are_clear():
     with pytest.raises(ValueError, match="first_frame_gt"):
         seg.segment(torch.zeros((2, 3, 64, 64), dtype=torch.uint8), first_frame_gt=torch.zeros(32, 32))
     with pytest.raises(ValueError, match="num_clusters"):
-        _segmenter(num_clusters=50, modulation=ModulationSettings(enabled=False)).segment(
+        _segmenter(num_clusters=50, modulation=NO_MODULATION).segment(
             torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8)
         )  # 1 frame of 64x64 = 4x4 = 16 feature points < 50 clusters
     with pytest.raises(RuntimeError, match="load"):
         VideoSegmenter(backbone=TinyStableDiffusion()).segment(torch.zeros((1, 3, 64, 64), dtype=torch.uint8))
 
 
+# Every field of a settings group, classified: the label-affecting ones are `LABEL_SETTINGS` (they
+# enter the settings hash); these change only speed or memory. A new field must be added to one of
+# the two (the test below fails until it is).
+SPEED_ONLY = {
+    "speed": {"max_batch_images", "vae_batch_images", "channels_last", "compile_vae_decoder", "reuse_prefix"},
+}
+GROUPS = {
+    "frames": FrameSettings,
+    "sampling": SamplingSettings,
+    "features": FeatureSettings,
+    "context": ContextSettings,
+    "refinement": RefinementSettings,
+    "modulation": ModulationSettings,
+    "speed": SpeedSettings,
+}
+
+
+def test_every_settings_field_is_classified_as_label_affecting_or_speed_only():
+    import dataclasses
+    import inspect
+
+    groups = set(inspect.signature(VideoSegmenter).parameters) - {"backbone", "seed"}
+    assert groups == set(GROUPS) == set(LABEL_SETTINGS)
+    for group, cls in GROUPS.items():
+        label, speed = set(LABEL_SETTINGS[group]), SPEED_ONLY.get(group, set())
+        assert not label & speed, (group, label & speed)
+        assert {f.name for f in dataclasses.fields(cls)} == label | speed, (
+            f"Classify the new fields of `{group}` in LABEL_SETTINGS (settings.py: they change the "
+            "labels, so they enter the settings hash) or in SPEED_ONLY (here)."
+        )
+    assert "vae_tiling" in LABEL_SETTINGS["speed"]  # tiles change pixels at their seams
+
+
 def test_settings_hash_ignores_speed_settings_only():
-    base = VideoSegmenter(backbone=TinyStableDiffusion()).settings()
-    fast = VideoSegmenter(
+    def settings(backbone: TinyStableDiffusion | None = None, **groups) -> dict:
+        return VideoSegmenter(backbone=backbone or TinyStableDiffusion(), **groups).settings()
+
+    base = settings()
+    speed = SpeedSettings(
+        max_batch_images=8, channels_last=True, compile_vae_decoder=True, reuse_prefix=False
+    )
+    assert settings(speed=speed) == base
+    assert settings(context=ContextSettings(num_clusters=7)) != base
+    assert settings(speed=SpeedSettings(vae_tiling=True)) != base
+    assert settings(seed=1) != base
+    assert settings(TinyStableDiffusion(seed=1)) != base
+    # the same settings written otherwise hash alike; an attribute outside the list changes nothing
+    same = VideoSegmenter(
         backbone=TinyStableDiffusion(),
-        max_batch_images=8,
-        channels_last=True,
-        modulation=ModulationSettings(reuse_prefix=False),
-    ).settings()
-    assert fast == base
-    assert VideoSegmenter(backbone=TinyStableDiffusion(), num_clusters=7).settings() != base
-    assert VideoSegmenter(backbone=TinyStableDiffusion(seed=1)).settings() != base
+        sampling=SamplingSettings(guidance_scale=5),
+        features=FeatureSettings(blocks=(6, 7, 8)),
+    )
+    same.something_new = 1
+    assert same.settings() == base
 
 
 @pytest.mark.parametrize(
-    "setting", [{"resize": "bilinear"}, {"vae_encode": "sample"}, {"vae_dtype": "float32"}]
+    "setting",
+    [
+        {"frames": FrameSettings(resize="bilinear")},
+        {"frames": FrameSettings(vae_encode="sample")},
+        {"frames": FrameSettings(vae_dtype="float32")},
+    ],
 )
 def test_reference_detail_settings_change_the_settings_hash(setting):
     from vss_lightning.module import ZeroShotVSS
@@ -135,15 +193,31 @@ def test_reference_detail_settings_change_the_settings_hash(setting):
     def digest(**kw) -> str:
         return ZeroShotVSS(segmenter=VideoSegmenter(backbone=TinyStableDiffusion(), **kw)).settings_hash()
 
-    assert VideoSegmenter(backbone=TinyStableDiffusion()).resize == "bicubic"
+    assert VideoSegmenter(backbone=TinyStableDiffusion()).frames.resize == "bicubic"
     assert digest(**setting) != digest()
+
+
+def test_settings_are_checked_when_built():
+    with pytest.raises(ValueError, match="sampling.noise_step"):
+        VideoSegmenter(backbone=TinyStableDiffusion(), features=FeatureSettings(step=20))
+    with pytest.raises(ValueError, match="context.batch_size"):
+        ContextSettings(batch_size=0)
+    with pytest.raises(ValueError, match="context.method"):
+        ContextSettings(method="online")
+    with pytest.raises(ValueError, match="frames.size_multiple"):
+        FrameSettings(size_multiple=40)
+    with pytest.raises(ValueError, match="refinement.jump_filter"):
+        RefinementSettings(jump_filter="up")
+    with pytest.raises(ValueError, match="speed.max_batch_images"):
+        SpeedSettings(max_batch_images=1)
 
 
 def test_channels_last_gives_the_same_labels(camvid_clip):
     frames, _ = camvid_clip
-    kw = dict(batch_size=2, max_batch_images=64)
-    a = _segmenter(**kw).segment(frames[:2], key="v:0").labels
-    b = _segmenter(channels_last=True, **kw).segment(frames[:2], key="v:0").labels
+    a = _segmenter(batch_size=2, speed=SpeedSettings(max_batch_images=64)).segment(frames[:2], key="v:0")
+    speed = SpeedSettings(max_batch_images=64, channels_last=True)
+    b = _segmenter(batch_size=2, speed=speed).segment(frames[:2], key="v:0")
+    a, b = a.labels, b.labels
     assert (a == b).float().mean() > 0.999
 
 
@@ -152,7 +226,8 @@ def test_compiled_vae_decoder_gives_the_same_labels():
     """torch.compile of the VAE decoder (slow: a CPU inductor compile) leaves the labels unchanged."""
     g = torch.Generator().manual_seed(0)
     frames = torch.randint(0, 256, (3, 3, 128, 192), dtype=torch.uint8, generator=g)
-    kw = dict(batch_size=3, max_batch_images=64, vae_batch_images=4)  # 3 = a padded last chunk
-    a = _segmenter(**kw).segment(frames, key="v:0").labels
-    b = _segmenter(compile_vae_decoder=True, **kw).segment(frames, key="v:0").labels
+    speed = SpeedSettings(max_batch_images=64, vae_batch_images=4)  # 3 frames = a padded last chunk
+    a = _segmenter(batch_size=3, speed=speed).segment(frames, key="v:0").labels
+    compiled = SpeedSettings(max_batch_images=64, vae_batch_images=4, compile_vae_decoder=True)
+    b = _segmenter(batch_size=3, speed=compiled).segment(frames, key="v:0").labels
     assert (a == b).float().mean() > 0.999

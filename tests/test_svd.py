@@ -21,10 +21,12 @@ from vss_lightning.pipeline.modulation import decoder_block_layer
 from vss_lightning.pipeline.random_backbones import (
     SVD_SCHEDULER_CONFIG,
     RandomStableVideoDiffusion,
+    TinyStableDiffusion,
     TinyStableVideoDiffusion,
 )
 from vss_lightning.pipeline.sd import SDModulation, SDSampler
 from vss_lightning.pipeline.segmenter import VideoSegmenter
+from vss_lightning.pipeline.settings import ContextSettings, SamplingSettings, SpeedSettings
 from vss_lightning.pipeline.svd import StableVideoDiffusion, SVDSampler, SVDSettings, svd_block_layer
 from vss_lightning.pipeline.svd_modulation import SVDModulation, svd_modulation_settings
 
@@ -72,7 +74,7 @@ def batch():
         m.to(torch.float64)
     # the family's sampler for the paper's settings: records the temporal self-attention q/k
     sm = TinyStableVideoDiffusion().make_sampler(
-        bb, svd_modulation_settings(), start_step=17, max_batch_images=64
+        bb, svd_modulation_settings(), SpeedSettings(max_batch_images=64, reuse_prefix=False), start_step=17
     )
     x = _frames(2).double()
     z0 = sm.encode(x)
@@ -351,6 +353,21 @@ def test_the_family_gives_its_sampler_the_injected_layers(batch):
     assert isinstance(family.make_modulation(svd_modulation_settings(), temporal), SVDModulation)
 
 
+@pytest.mark.parametrize("name", ["reuse_prefix", "channels_last", "vae_tiling"])
+def test_a_setting_the_video_family_ignores_is_an_error(name):
+    speed = SpeedSettings(**{"reuse_prefix": False, name: True})
+    with pytest.raises(ValueError, match=rf"`speed.{name}` to be false .*speed.{name} false"):
+        VideoSegmenter(TinyStableVideoDiffusion(), modulation=svd_modulation_settings(), speed=speed)
+    VideoSegmenter(TinyStableDiffusion(), speed=speed)  # the image family runs it
+
+
+def test_temporal_layer_types_with_an_image_backbone_are_an_error():
+    with pytest.raises(ValueError, match="modulation.layer_types"):
+        VideoSegmenter(
+            TinyStableDiffusion(), modulation=svd_modulation_settings(steps=[22], blend_steps=[22])
+        )
+
+
 # -- configs and the method end to end --------------------------------------------------------------
 @pytest.mark.parametrize("name", ["smoke_svd.yaml", "vspw_svd.yaml"])
 def test_configs_parse_without_loading_weights(name, capsys, monkeypatch):
@@ -370,7 +387,7 @@ def test_configs_parse_without_loading_weights(name, capsys, monkeypatch):
         type(seg.backbone)
         is {"smoke_svd.yaml": TinyStableVideoDiffusion, "vspw_svd.yaml": StableVideoDiffusion}[name]
     )
-    assert seg.noise_step == 17 and seg.feature_layers == FEATS
+    assert seg.sampling.noise_step == 17 and seg.feature_layers == FEATS
     assert seg.modulation.layer_types == ["spatial", "temporal"] and seg.modulation.steps == [17]
     assert seg.modulation.blend_steps == list(range(17, 25)) and seg.modulation.block == 8
 
@@ -380,12 +397,10 @@ def test_swan_segments_deterministically_with_full_size_labels(swan_frames):
     small = torch.nn.functional.interpolate(swan_frames.float(), size=(80, 150), mode="area").round().byte()
     seg = VideoSegmenter(
         backbone=TinyStableVideoDiffusion(seed=0),
-        noise_step=17,
-        guidance_scale=2.5,
-        num_clusters=3,
-        kmeans_n_init=2,
+        sampling=SamplingSettings(noise_step=17, guidance_scale=2.5),
+        context=ContextSettings(num_clusters=3, kmeans_n_init=2),
         modulation=svd_modulation_settings(),
-        max_batch_images=56,
+        speed=SpeedSettings(max_batch_images=56, reuse_prefix=False),
     ).load("cpu")
     a = seg.segment(small, key="swan:0")
     b = seg.segment(small, key="swan:0")

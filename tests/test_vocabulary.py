@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shards import one_thread  # noqa: F401
 from sklearn.metrics import adjusted_rand_score
 
 from vss_lightning.data.format import encode_png
+from vss_lightning.pipeline.prototypes import PrototypeAccumulator
 from vss_lightning.vocabulary import kmeans
 from vss_lightning.vocabulary.__main__ import main
 from vss_lightning.vocabulary.apply import apply_vocabulary
@@ -19,9 +21,10 @@ from vss_lightning.vocabulary.corpus import Corpus
 from vss_lightning.vocabulary.fit import VOCABULARY_JSON, fit_vocabulary, load_vocabulary
 from vss_lightning.vocabulary.prototypes import (
     PROTOTYPES,
-    PrototypeAccumulator,
     PrototypeError,
     VideoPrototypes,
+    load_prototypes,
+    save_prototypes,
 )
 from vss_lightning.vocabulary.sheet import load_names, shard_frames, typical_examples
 
@@ -65,7 +68,7 @@ def _write_video(root: Path, proto: VideoPrototypes, labels: np.ndarray) -> None
     names = [f"f{t:03d}" for t in range(labels.shape[0])]
     for name, lab in zip(names, labels, strict=True):
         (vdir / f"{name}.png").write_bytes(encode_png(lab.astype(np.uint8)))
-    proto.save(vdir / PROTOTYPES)
+    save_prototypes(proto, vdir / PROTOTYPES)
     done = {"video_id": proto.video_id, "frame_names": names, "settings_hash": proto.settings_hash}
     (vdir / "DONE").write_text(json.dumps(done))
 
@@ -131,13 +134,13 @@ def test_accumulator_means_features_over_the_cells_of_each_label():
 
 def test_prototypes_round_trip_and_a_missing_file_names_the_fix(tmp_path):
     proto, _ = _video("a", _classes(), np.random.default_rng(0))
-    proto.save(tmp_path / PROTOTYPES)
-    back = VideoPrototypes.load(tmp_path / PROTOTYPES)
+    save_prototypes(proto, tmp_path / PROTOTYPES)
+    back = load_prototypes(tmp_path / PROTOTYPES)
     assert back.video_id == "a" and back.settings_hash == "abc"
     torch.testing.assert_close(back.features, proto.features)
     assert not list(tmp_path.glob(".*tmp"))
     with pytest.raises(PrototypeError, match="does not exist. Label the video"):
-        VideoPrototypes.load(tmp_path / "nope" / PROTOTYPES)
+        load_prototypes(tmp_path / "nope" / PROTOTYPES)
 
 
 def test_fit_and_apply_recover_the_global_classes_of_a_corpus(tmp_path):
@@ -210,9 +213,9 @@ def test_bad_input_is_named(tmp_path):
 def test_a_corpus_of_two_settings_is_refused(tmp_path):
     labels = tmp_path / "labels"
     _corpus(labels, 4)
-    p = VideoPrototypes.load(labels / "v002" / PROTOTYPES)
+    p = load_prototypes(labels / "v002" / PROTOTYPES)
     p.settings_hash = "other"
-    p.save(labels / "v002" / PROTOTYPES)
+    save_prototypes(p, labels / "v002" / PROTOTYPES)
     with pytest.raises(PrototypeError, match="one settings hash"):
         fit_vocabulary([labels], 2, tmp_path / "vocab")
 
@@ -280,3 +283,71 @@ def test_shard_frames_reads_the_wanted_frames_from_the_input_shards(tmp_path):
     assert list(got) == [("a", "a_f0001")]
     want = np.asarray(Image.open(io.BytesIO(jpeg(video.frames[1]))).convert("RGB"))
     np.testing.assert_array_equal(got[("a", "a_f0001")], want)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_predict_writes_prototypes_then_fit_apply_evaluate_run_end_to_end(tmp_path, capsys):
+    """The corpus path on the smoke config: predict -> fit -> apply -> evaluate (dataset matching)."""
+    from shards import CLIP_FRAMES, make_shards, predict_args
+
+    from vss_lightning.cli import main as cli_main
+    from vss_lightning.evaluate import evaluate
+
+    videos = make_shards(tmp_path / "shards", [[("a", 5), ("b", 3)], [("c", 4)]], clip_frames=CLIP_FRAMES,
+                         labelled=True)  # fmt: skip
+    shards, out = str(tmp_path / "shards" / "*.tar"), tmp_path / "out"
+    cli_main(predict_args(shards, out))
+    grid = 8 * 12  # the tiny backbone's feature grid of the 128 x 192 synthetic frames
+    for vid, video in videos.items():
+        p = load_prototypes(out / vid / PROTOTYPES)
+        done = json.loads((out / vid / "DONE").read_text())
+        assert p.video_id == vid and p.settings_hash == done["settings_hash"]
+        assert int(p.cells.sum()) == len(video.frames) * grid  # every cell of every frame, once
+        assert p.frames.shape[1] == len(video.frames) and bool(p.frames.any(0).all())
+        png_ids = set()
+        for name in done["frame_names"]:
+            png_ids |= set(np.unique(np.asarray(Image.open(out / vid / f"{name}.png"))).tolist())
+        assert png_ids <= set(p.labels.tolist())  # modulation picks among the coarse labels
+    vocab, global_out = tmp_path / "vocab", tmp_path / "global"
+    main(["fit", "--labels", str(out), "--num_classes", "3", "--out", str(vocab), "--shards", shards])
+    main(["apply", "--labels", str(out), "--vocab", str(vocab), "--out", str(global_out)])
+    assert sorted(p.name for p in global_out.iterdir()) == sorted(videos)
+    result = evaluate(str(global_out), shards, num_classes=4, matching="dataset")
+    assert result["videos"] == 3 and 0.0 <= result["mIoU"] <= 1.0
+    # A later job emits global ids directly; for a video stored in one clip ("b", "c": at most
+    # CLIP_FRAMES frames) they equal fit + apply byte for byte ("a" is split in two clips: its first
+    # clip is mapped with the first clip's prototypes only).
+    direct = tmp_path / "direct"
+    cli_main(predict_args(shards, direct, "--model.vocabulary", str(vocab)))
+    for vid in ("b", "c"):
+        names = json.loads((global_out / vid / "DONE").read_text())["frame_names"]
+        for name in names:
+            assert (direct / vid / f"{name}.png").read_bytes() == (
+                global_out / vid / f"{name}.png"
+            ).read_bytes()
+    ids = np.unique(np.asarray(Image.open(next((direct / "a").glob("*.png")))))
+    assert ids.max() < 3
+    assert json.loads((direct / "a" / "DONE").read_text())["settings_hash"] != done["settings_hash"]
+    other = predict_args(shards, tmp_path / "other", "--model.vocabulary", str(vocab),
+                         "--model.segmenter.init_args.context.num_clusters", "3")  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        cli_main(other)
+    assert e.value.code == 1 and "Expected the vocabulary" in capsys.readouterr().err
+
+
+def test_remapped_prototypes_pool_the_labels_mapped_to_one_id_and_labels_map():
+    from vss_lightning.pipeline.video import map_labels
+
+    feats = torch.randn(2, 2, 3, 4, generator=torch.Generator().manual_seed(0))
+    coarse = torch.tensor([[[0, 0, 1], [1, 2, 2]], [[2, 2, 2], [0, 1, 2]]])
+    acc = PrototypeAccumulator()
+    acc.add(feats, coarse, [0, 1])
+    pooled = acc.remapped({0: 5, 1: 5, 2: 7}).result("v")
+    flat, lab = feats.reshape(-1, 4), coarse.reshape(-1)
+    assert pooled.labels.tolist() == [5, 7] and pooled.cells.tolist() == [6, 6]
+    torch.testing.assert_close(pooled.features[0], flat[lab <= 1].mean(0))
+    torch.testing.assert_close(pooled.features[1], flat[lab == 2].mean(0))
+    mapped = map_labels(coarse.to(torch.uint8), {0: 5, 1: 5, 2: 300})
+    assert mapped.dtype == torch.int32 and mapped[0, 0, 2] == 5 and mapped[1, 0, 0] == 300
+    with pytest.raises(ValueError, match=r"\[2\] have none"):
+        map_labels(coarse, {0: 1, 1: 1})

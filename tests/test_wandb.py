@@ -132,7 +132,7 @@ def test_predict_and_test_log_to_an_offline_wandb_run(tmp_path):
     assert config["output_dir"] == str(out)
     assert config["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
     assert config["trainer"]["logger"]["init_args"]["tags"] == ["smoke"]
-    assert config["model"]["segmenter"]["init_args"]["num_clusters"] == 4
+    assert config["model"]["segmenter"]["init_args"]["context"]["num_clusters"] == 4
     # Progress, rates and stage timings, one row per clip; totals at the end.
     rows = [r for r in history if "predict/frames" in r]
     assert [r["predict/frames"] for r in rows] == [2, 4, 5] and [r["predict/clips"] for r in rows] == [

@@ -96,17 +96,22 @@ def _option_names(parser: Any) -> set[str]:
 
 
 def _init_arg_names() -> set[str]:
-    """`--model.segmenter.init_args.<name>` options of the segmenter and its nested settings."""
-    import inspect
+    """`--model.segmenter.init_args.<name>` options of the segmenter and its settings groups
+    (`--model.segmenter.init_args.<group>.<field>`)."""
+    import dataclasses
+    import typing
 
-    from vss_lightning.pipeline.modulation import ModulationSettings
     from vss_lightning.pipeline.segmenter import VideoSegmenter
 
-    names = {f"--model.segmenter.init_args.{p}" for p in inspect.signature(VideoSegmenter).parameters}
-    names |= {
-        f"--model.segmenter.init_args.modulation.{p}"
-        for p in inspect.signature(ModulationSettings).parameters
-    }
+    prefix = "--model.segmenter.init_args."
+    names = set()
+    for name, hint in typing.get_type_hints(VideoSegmenter.__init__).items():
+        if name == "return":
+            continue
+        names.add(prefix + name)
+        for group in typing.get_args(hint):  # `Settings | None`
+            if dataclasses.is_dataclass(group):
+                names |= {f"{prefix}{name}.{f.name}" for f in dataclasses.fields(group)}
     return names
 
 

@@ -62,7 +62,10 @@ class ZeroShotVSS(L.LightningModule):
         on_error: "skip" records a video that cannot be read or segmented as failed and goes on;
             "fail" raises.
         oom_retry: on a GPU out-of-memory error, retry the video once with half the segmenter's
-            `max_batch_images` and `vae_batch_images`, then record it as failed.
+            `speed.max_batch_images` and `speed.vae_batch_images`, then record it as failed.
+        vocabulary: a corpus vocabulary folder (`python -m vss_lightning.vocabulary fit`): labels are
+            written as its global class ids (each label to the class nearest to its prototype), the
+            same ids in every video. It must have been fitted on labels of this job's settings.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class ZeroShotVSS(L.LightningModule):
         matching: Literal["auto", "none", "video", "dataset"] = "auto",
         on_error: Literal["skip", "fail"] = "skip",
         oom_retry: bool = True,
+        vocabulary: str | None = None,
     ) -> None:
         super().__init__()
         if label_mode not in ("cluster", "first_frame_gt"):
@@ -104,6 +108,7 @@ class ZeroShotVSS(L.LightningModule):
         )
         self.on_error = on_error
         self.oom_retry = oom_retry
+        self.vocabulary = vocabulary
         self.videos = VideoLabeller(self.segmenter, label_mode, gt_anchor, oom_retry)
         self.metrics: VideoSegmentationMetrics | None = None
         self.failed_count: SumMetric | None = None
@@ -138,7 +143,25 @@ class ZeroShotVSS(L.LightningModule):
             self.failed_count.update(0.0)  # a defined sum on every rank, even with no failure
             self.eval_results = None
         self.load(self.trainer.strategy.root_device)
+        self._use_vocabulary()
         self._reset_videos()
+
+    def _use_vocabulary(self) -> None:
+        """With `vocabulary`, map every video's labels to its global ids (checked against the settings)."""
+        if self.vocabulary is None or self.videos.relabel is not None:
+            return
+        from vss_lightning.vocabulary.apply import global_map
+        from vss_lightning.vocabulary.fit import load_vocabulary
+
+        centroids, meta = load_vocabulary(self.vocabulary)
+        fitted_on, ours = meta.get("settings_hash", ""), self._local_settings_hash()
+        if fitted_on and fitted_on != ours:
+            raise ValueError(
+                f"Expected the vocabulary {self.vocabulary!r} to be fitted on labels of this job's settings "
+                f"(hash {ours}), but it was fitted on {fitted_on}. Fit a vocabulary on a corpus labelled "
+                "with these settings, or run with the settings it was fitted on."
+            )
+        self.videos.relabel = lambda prototypes: global_map(prototypes, centroids)
 
     def _eval_num_classes(self, stage: str) -> int:
         """C for the metrics: `num_classes` as given, else the datamodule's manifest (`dataset_info`).
@@ -167,24 +190,39 @@ class ZeroShotVSS(L.LightningModule):
         return self._given_num_classes
 
     def settings_hash(self) -> str:
-        """A hash of everything that changes the labels (segmenter settings, label mode, backbone)."""
+        """A hash of everything that changes the labels: the segmenter's label-affecting settings
+        (`VideoSegmenter.settings`, with the backbone's description) and the label mode.
+
+        A finished video is skipped on resume only under the same hash. Built since issue #14 from
+        the explicit list `pipeline.settings.LABEL_SETTINGS` (a deliberate change that gave every
+        earlier output a new hash); tests/test_module.py pins the hash of the default settings.
+        """
         if self._hash is None:
-            payload = {
-                "segmenter": self.segmenter.settings(),
-                "label_mode": self.label_mode,
-                "backbone": self.segmenter.backbone.description,
-            }
-            text = json.dumps(payload, sort_keys=True, default=repr)
-            self._hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+            if self.vocabulary is None:
+                self._hash = self._local_settings_hash()
+            else:  # global ids: the vocabulary is part of what the labels are
+                from vss_lightning.vocabulary.fit import vocabulary_hash
+
+                text = json.dumps([self._local_settings_hash(), vocabulary_hash(self.vocabulary)])
+                self._hash = hashlib.sha256(text.encode()).hexdigest()[:16]
         return self._hash
+
+    def _local_settings_hash(self) -> str:
+        """The settings hash of the local (per-video) labels, without a vocabulary."""
+        payload = {"segmenter": self.segmenter.settings(), "label_mode": self.label_mode}
+        text = json.dumps(payload, sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def output_info(self) -> dict[str, Any]:
         """What the writer records next to the labels."""
-        return {
+        info = {
             "settings_hash": self.settings_hash(),
             "label_mode": self.label_mode,
             "backbone": self.segmenter.backbone.description,
         }
+        if self.vocabulary is not None:
+            info["vocabulary"] = str(self.vocabulary)
+        return info
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Frames stay on the CPU: the segmenter moves one frame batch at a time to its device.
@@ -244,6 +282,7 @@ class ZeroShotVSS(L.LightningModule):
         return VideoLabels(
             meta, out.labels, sample.key, sample.url, out.seconds, out.retried, out.stage_seconds,
             ignored_fields=sample.ignored_fields,  # shard members outside the schema (issue #11)
+            prototypes=out.prototypes,  # the video's label prototypes, with its last clip (issue #17)
         )  # fmt: skip
 
     # -- evaluation -----------------------------------------------------------------------------

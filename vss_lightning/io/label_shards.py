@@ -145,6 +145,9 @@ class LabelShardStore:
             "meta.json": meta.to_json(),
             "labels.json": json_bytes(label_record(res, arr, self.info)),
         }
+        if res.prototypes is not None:  # the video's, with its last clip
+            res.prototypes.settings_hash = self.settings_hash
+            out["prototypes.safetensors"] = res.prototypes.to_bytes()
         for i in range(arr.shape[0]):
             out[f"{i:05d}.label.png"] = encode_png(arr[i])
             if self.write_previews:

@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 
 DONE = "DONE"
 CLIP_DONE = "clip-{index:04d}.done"
+PROTOTYPES = "prototypes.safetensors"  # the video's label prototypes (`pipeline.prototypes`)
 MAX_DONE_BYTES = 64 << 20  # a DONE lists the frame names: > 100_000 names of 200 bytes
-# The tool's own names in `output_dir` (summary.json, summary-rank<k>.json, metrics.json,
+# The tool's own names in `output_dir` (summary.json, summary-rank<k>-<run id>.json, metrics.json,
 # config-<stage>.yaml, labels-rank<r>-<n>.tar/.index.json, wandb/, ...): no video id may take them.
 RESERVED_ID_SUFFIXES = (".json", ".yaml", ".yml", ".tar", ".tmp", ".lock")
 RESERVED_IDS = frozenset({"wandb", "lightning_logs", "checkpoints"})
@@ -334,10 +335,14 @@ class PngStore:
         if meta.clip_index == 0:
             for stale in vdir.glob("clip-*.done"):
                 stale.unlink(missing_ok=True)
+            self.path(vid, PROTOTYPES).unlink(missing_ok=True)
         for i, name in enumerate(meta.frame_names):
             atomic_write(self.path(vid, f"{name}.png"), encode_png(arr[i]))
         if self.previews is not None:
             self.previews.write(res, arr, sample_frames(sample, res))
+        if res.prototypes is not None:  # before DONE: a complete video always has its prototypes
+            res.prototypes.settings_hash = self.settings_hash
+            atomic_write(self.path(vid, PROTOTYPES), res.prototypes.to_bytes())
         record = label_record(res, arr, self.info)
         if meta.num_clips <= 1:
             atomic_write(done, json_bytes(record))

@@ -3,7 +3,7 @@
 `ZeroShotVSS` returns one of `VideoLabels` (labels computed), `VideoSkipped` (output already
 complete with the same settings) or `VideoFailed` (unreadable sample, or the pipeline raised) per
 sample; the writer stores the labels and counts all three in a `RankSummary`. Each rank writes
-`summary-rank<k>.json`; `merge_summaries` adds them up into `summary.json`.
+`summary-rank<k>-<run id>.json`; `merge_summaries` adds them up into `summary.json`.
 """
 
 from __future__ import annotations
@@ -18,13 +18,16 @@ from typing import Any
 import torch
 
 from vss_lightning.data.format import VideoMeta
+from vss_lightning.pipeline.prototypes import VideoPrototypes
 
 from .files import atomic_write, json_bytes, read_json
 from .locks import FileLock
 
 log = logging.getLogger(__name__)
 
-SUMMARY_RANK = "summary-rank{rank}.json"
+# Per rank and run: two jobs sharing an output folder (per-video locks allow it) never overwrite each
+# other's rank files. One small file per rank and run stays in the folder (summary.json lists runs).
+SUMMARY_RANK = "summary-rank{rank}-{run}.json"
 SUMMARY = "summary.json"
 METRICS = "metrics.json"  # test/validate: the split's metrics (written by the writer, rank 0)
 
@@ -43,6 +46,8 @@ class VideoLabels:
         stage_seconds: wall-clock seconds per pipeline stage (encode, features, context, cbr,
             modulation, resize) of the run that made the labels.
         ignored_fields: shard members of the sample outside the schema (never read).
+        prototypes: with a video's last clip, its label prototypes (`pipeline.prototypes`), written
+            next to the labels for a corpus vocabulary; None otherwise.
     """
 
     meta: VideoMeta
@@ -53,6 +58,7 @@ class VideoLabels:
     retried: bool = False
     stage_seconds: dict[str, float] = field(default_factory=dict)
     ignored_fields: int = 0
+    prototypes: VideoPrototypes | None = None
 
     @property
     def frames(self) -> int:
@@ -257,7 +263,7 @@ def read_rank_summaries(output_dir: Path, run_id: str, world_size: int) -> list[
     """The rank summaries of run `run_id` present in `output_dir` (files of other runs are ignored)."""
     found = []
     for rank in range(world_size):
-        path = output_dir / SUMMARY_RANK.format(rank=rank)
+        path = output_dir / SUMMARY_RANK.format(rank=rank, run=run_id)
         try:
             data = json.loads(path.read_bytes())
         except (OSError, ValueError):
@@ -268,9 +274,9 @@ def read_rank_summaries(output_dir: Path, run_id: str, world_size: int) -> list[
 
 
 def write_rank_summary(output_dir: Path, summary: RankSummary) -> dict[str, Any]:
-    """Write `summary-rank<k>.json`; returns it as written (plain JSON types), for `merge_run`."""
+    """Write `summary-rank<k>-<run id>.json`; returns it as written (plain JSON types), for `merge_run`."""
     data = json_bytes(summary.to_dict())
-    atomic_write(output_dir / SUMMARY_RANK.format(rank=summary.rank), data)
+    atomic_write(output_dir / SUMMARY_RANK.format(rank=summary.rank, run=summary.run_id), data)
     return json.loads(data)
 
 
@@ -291,7 +297,6 @@ def merge_run(own: dict[str, Any], output_dir: Path, timeout_s: float, wait: boo
     deadline = time.monotonic() + (timeout_s if wait else 0.0)
     while True:
         found = read_rank_summaries(output_dir, own["run_id"], world_size)
-        # another job on this folder may have replaced our rank's file since we wrote `own`
         found = [r for r in found if r.get("rank") != rank] + [own]
         if len(found) == world_size or time.monotonic() >= deadline:
             break

@@ -7,7 +7,7 @@ Output layout under `output_dir`:
   `<frame_name>.preview.png` and an overlay video `preview.mp4`/`.gif` (`io.previews`).
 - `shards`: WebDataset tars `labels-rank<r>-<n>.tar` of whole videos, one sample per clip, written
   per rank, each next to an index `labels-rank<r>-<n>.index.json` (`io.label_shards`).
-- `summary-rank<k>.json` per rank and `summary.json` (merged, `io.summary`), `metrics.json` after
+- `summary-rank<k>-<run id>.json` per rank and `summary.json` (merged, `io.summary`), `metrics.json` after
   test/validate (the module's `eval_results`, written by rank 0).
 
 Every file is written under a temporary name and renamed (`io.files.atomic_write`), so a killed job
@@ -53,7 +53,7 @@ class PseudoLabelWriter(StageCallback):
     """Writes the labels of each sample as soon as its step ends (nothing accumulates in memory).
 
     A plain callback of predict, test and validate; runs on every rank on that rank's own samples (no
-    collective but one broadcast in `setup`). Counts every result into `summary-rank<k>.json` and
+    collective but one broadcast in `setup`). Counts every result into `summary-rank<k>-<run id>.json` and
     merges them into `summary.json` (`io.summary.merge_run`).
 
     Args:

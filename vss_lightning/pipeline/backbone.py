@@ -4,9 +4,10 @@ A backbone holds settings only; `load(device)` does the heavy work and returns t
 models (here `sd.LoadedBackbone`: UNet, VAE, Euler scheduler, prompt embeddings). This keeps `--help`
 and `--print_config` instant when a backbone is part of a LightningCLI config.
 
-`Backbone` is what the segmenter knows of a family: layer naming (`attention_layer`), and its sampler
-and modulation (`make_sampler`, `make_modulation`), which the family configures from the modulation
-settings (e.g. which layers' q/k the unmodulated pass keeps). `SDBackbone` is the Stable Diffusion
+`Backbone` is what the segmenter knows of a family: layer naming (`attention_layer`), the settings it
+accepts (`check_settings`: a setting the family would ignore is an error), and its sampler and
+modulation (`make_sampler`, `make_modulation`), which the family configures from the modulation and
+speed settings (e.g. which layers' q/k the unmodulated pass keeps). `SDBackbone` is the Stable Diffusion
 family, `svd.SVDBackbone` the Stable Video Diffusion one; tiny and full-size random-weight backbones
 for tests and benchmarks are in `random_backbones.py`.
 """
@@ -28,7 +29,8 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 from .attention import decoder_block_layer
 from .modulation import Modulation, ModulationSettings
 from .sampler import LoadedModels, Sampler
-from .sd import LoadedBackbone, SDModulation, SDSampler
+from .sd import LoadedBackbone, SDModulation, SDSampler, check_spatial_only
+from .settings import SpeedSettings
 
 DTypeName = Literal["float32", "float16", "bfloat16"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -160,14 +162,30 @@ class Backbone(ABC):
         query is a feature (spatial self-attention)."""
 
     @abstractmethod
-    def make_sampler(self, loaded: LoadedModels, modulation: ModulationSettings, **settings) -> Sampler:
+    def check_settings(self, modulation: ModulationSettings, speed: SpeedSettings) -> None:
+        """Refuse a setting this family would ignore or cannot run, naming it and the fix.
+
+        Raises:
+            ValueError: e.g. temporal layer types for an image backbone, or an SD-only speed-up
+                for a video backbone.
+        """
+
+    @abstractmethod
+    def make_sampler(
+        self,
+        loaded: LoadedModels,
+        modulation: ModulationSettings,
+        speed: SpeedSettings | None = None,
+        **schedule,
+    ) -> Sampler:
         """The family's sampler of `loaded`, recording what `modulation` needs.
 
         Args:
             loaded: the loaded models (`load`).
             modulation: the modulation settings the sampler's passes are for.
-            **settings: the sampler's schedule and budget (`num_inference_steps`, `start_step`,
-                `guidance_scale`, `max_batch_images`, `vae_batch_images`).
+            speed: the memory budget (`max_batch_images`, `vae_batch_images`) and speed-ups
+                (default: `SpeedSettings()`).
+            **schedule: the sampler's schedule (`num_inference_steps`, `start_step`, `guidance_scale`).
         """
 
     @abstractmethod
@@ -181,15 +199,27 @@ class SDBackbone(Backbone):
     def attention_layer(self, block: int, attention: Literal["self", "cross"]) -> str:
         return decoder_block_layer(block, attention)
 
-    def make_sampler(self, loaded: LoadedBackbone, modulation: ModulationSettings, **settings) -> SDSampler:
+    def check_settings(self, modulation: ModulationSettings, speed: SpeedSettings) -> None:
+        check_spatial_only(modulation)  # SD has no temporal attention
+
+    def make_sampler(
+        self,
+        loaded: LoadedBackbone,
+        modulation: ModulationSettings,
+        speed: SpeedSettings | None = None,
+        **schedule,
+    ) -> SDSampler:
         # Injection reads q/k of every decoder attention; prefix reuse keeps the modulated layer's prefix.
+        speed = speed if speed is not None else SpeedSettings()
         inject = modulation.enabled and modulation.inject
-        reuse = modulation.enabled and modulation.reuse_prefix
+        reuse = modulation.enabled and speed.reuse_prefix is not False  # None: on (SD has it)
         return SDSampler(
             loaded,
+            max_batch_images=speed.max_batch_images,
+            vae_batch_images=speed.vae_batch_images,
             qk_layers=None if inject else [],
             prefix_layer=modulation.layer if reuse else None,
-            **settings,
+            **schedule,
         )
 
     def make_modulation(self, settings: ModulationSettings, sampler: SDSampler) -> SDModulation:

@@ -55,8 +55,8 @@ class ModulationSettings:
         filter_strength: s of the mask filter (0.7).
         blur_kernel: size of the Gaussian blur of the difference map (5).
         blur_sigma: sigma of that blur (3).
-        reuse_prefix: at the first step, reuse the unmodulated pass's UNet computation before the
-            modulated layer instead of recomputing it (same labels, about a fifth less UNet work).
+
+    (The speed-up that reuses the unmodulated pass's UNet prefix is `SpeedSettings.reuse_prefix`.)
     """
 
     enabled: bool = True
@@ -73,7 +73,6 @@ class ModulationSettings:
     filter_strength: float = 0.7
     blur_kernel: int = 5
     blur_sigma: float = 3.0
-    reuse_prefix: bool = True
 
     @property
     def layer(self) -> str:

@@ -209,7 +209,7 @@ class Sampler(ABC):
 
     # Frames per VAE decode call (`num_frames` of a temporal decoder); None for an image VAE.
     vae_decode_frames: int | None = None
-    # The modulated layer whose UNet prefix the unmodulated pass keeps (SD's `reuse_prefix`).
+    # The modulated layer whose UNet prefix the unmodulated pass keeps (SD's `speed.reuse_prefix`).
     prefix_layer: str | None = None
 
     def __init__(

@@ -132,6 +132,17 @@ class SDSampler(Sampler):
         return (x.float() + (float(self.sigmas[step + 1]) - sigma) * eps).to(x.dtype)
 
 
+def check_spatial_only(settings: ModulationSettings) -> None:
+    """Refuse temporal layer types: an image backbone has no temporal attention."""
+    if list(settings.layer_types) != ["spatial"] or list(settings.inject_layer_types) != ["spatial"]:
+        raise ValueError(
+            "Expected `modulation.layer_types` and `modulation.inject_layer_types` to be ['spatial'] "
+            "for an image backbone (it has no temporal attention), but got "
+            f"{settings.layer_types} and {settings.inject_layer_types}. Set both to [spatial], or use "
+            "a video backbone (Stable Video Diffusion)."
+        )
+
+
 class SDModulation(Modulation):
     """SD's modulated units: one (frame, label, sign) each, batched freely across frames and labels.
 
@@ -141,12 +152,7 @@ class SDModulation(Modulation):
     """
 
     def _modulated_layers(self, settings: ModulationSettings) -> list[str]:
-        if list(settings.layer_types) != ["spatial"] or list(settings.inject_layer_types) != ["spatial"]:
-            raise ValueError(
-                "Expected `modulation.layer_types` and `modulation.inject_layer_types` to be ['spatial'] "
-                "for an image backbone (it has no temporal attention), but got "
-                f"{settings.layer_types} and {settings.inject_layer_types}."
-            )
+        check_spatial_only(settings)
         self.layer = settings.layer
         return [self.layer]
 

@@ -9,8 +9,8 @@ The segmenter talks to a diffusion family only through `Backbone` (layer names, 
 `make_modulation`), `Sampler` (`encode`, `condition`, `add_noise`, `unmodulated_pass`) and
 `Modulation` (`labels`), so SD and SVD run through the same code.
 
-(Over 400 lines because `VideoSegmenter.__init__` is the CLI's config schema: its ~30 documented,
-validated arguments take half the module.)
+The settings are typed dataclasses, one per stage of the method (`settings.py`); the CLI's config
+schema is `VideoSegmenter.__init__` and those dataclasses.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import hashlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -29,12 +29,28 @@ from .backbone import Backbone, StableDiffusion
 from .context import SceneContextModel, linf_normalize, per_frame_kmeans, resize_gt_to_grid
 from .modulation import Modulation, ModulationSettings
 from .refine import correspondence_refine
-from .sampler import LoadedModels, ResizeMode, Sampler, VaeEncode, resize_to_multiple
+from .sampler import LoadedModels, Sampler, resize_to_multiple
+from .settings import (
+    LABEL_SETTINGS,
+    ContextSettings,
+    FeatureSettings,
+    FrameSettings,
+    RefinementSettings,
+    SamplingSettings,
+    SpeedSettings,
+)
 
 LabelMode = Literal["cluster", "first_frame_gt"]
-PERFORMANCE_SETTINGS = frozenset(
-    {"max_batch_images", "vae_batch_images", "channels_last", "compile_vae_decoder", "reuse_prefix"}
-)
+
+
+def _canonical(value: Any, annotation: Any) -> Any:
+    """A setting's value as the settings hash sees it: a float field's int as a float (5 -> 5.0),
+    a tuple as a list, so equal settings hash alike however they were written."""
+    if annotation in ("float", float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 @dataclass
@@ -103,136 +119,57 @@ def noise_seed(seed: int, key: str, start: int, stream: str = "") -> int:
 class VideoSegmenter:
     """Zero-shot video semantic segmentation with a diffusion backbone (SD 2.1 or SVD).
 
+    The settings are grouped by stage of the method (`settings.py`, docs/method.md); each group
+    defaults to the paper's values for Stable Diffusion 2.1.
+
     Args:
         backbone: the diffusion backbone (default: Stable Diffusion 2.1-base from the hub).
-        batch_size: B, frames per batch (14).
-        num_clusters: K of the K-Means initialisation (20).
-        context: "autoregressive" (K-Means init + KNN memory, the method) or "per_frame_kmeans"
-            (the frame-by-frame baseline: K-Means on every frame independently).
-        knn_k: neighbours of the KNN classifier (4).
-        kmeans_n_init: K-Means restarts (10).
-        num_inference_steps: length of the schedule (25).
-        noise_step: step index whose noise level the frames are noised to (22, t = 119).
-        feature_step: step whose queries are the features (24, t = 39).
-        guidance_scale: classifier-free guidance scale (5; for SVD the top of its per-frame ramp).
-        feature_blocks: decoder blocks (paper numbering) whose self-attention queries are averaged
-            when `aggregate_features` (6, 7, 8).
-        aggregate_features: average the `feature_blocks` features; else use `single_feature_block`.
-        single_feature_block: the feature block without aggregation (7).
-        cbr: run correspondence-based refinement.
-        cbr_block: the block whose features CBR matches (7).
-        cbr_weighting: "reference" (a = q / (q + 1)) or "uniform" (a = 1, pure chaining).
-        jump_filter: drop tracks that move more than `max_jump` cells: "both" directions,
-            "reference" (positive jumps only) or "none".
-        max_jump: the largest allowed move per step, in grid cells (1).
-        modulation: full-resolution step settings (default: `ModulationSettings()`).
-        max_batch_images: most images in one UNet forward (CFG branches count): the memory budget.
-        vae_batch_images: most images in one VAE encode/decode.
-        vae_tiling: decode in overlapping tiles (diffusers `enable_tiling`): less memory for very
-            large frames, slightly different pixels at tile seams.
-        channels_last: run the UNet and VAE in channels-last memory format.
-        compile_vae_decoder: `torch.compile` the VAE decoder (GPU: about 2x faster decodes after
-            a one-off compile of about a minute; decode chunks are padded to one shape).
-        seed: global seed (the noise of a batch is seeded from it, the video key and batch start).
-        size_multiple: frames are resized so height and width are floored to multiples of this (64:
-            the latent is 1/8 and the feature grid 1/16 of the frame, both integral).
-        resize: how frames are resized to those multiples: "bicubic" (antialiased, on the uint8
-            values, rounded back to uint8 as PIL's default resize, which the reference uses) or
-            "bilinear" (antialiased, on the [-1, 1] floats).
-        vae_encode: latent of a frame: the VAE posterior "mean" (deterministic) or a posterior
-            "sample" (as the reference), seeded from `seed`, the video key and the batch start.
-        vae_dtype: "auto" runs the VAE in the backbone's dtype; "float32" keeps it in float32 when
-            the backbone computes in float16/bfloat16 (more memory and time for the decodes, no fp16
-            rounding in the images the difference maps are taken from).
-        ignore_index: ground-truth value that means "no class" (255).
+        seed: global seed: the noise of a batch, the VAE posterior sample of `frames.vae_encode:
+            sample` and the K-Means initialisation are seeded from it (with the video key and the
+            batch start where it applies).
+        frames: frame resize and VAE encoding (default: `FrameSettings()`).
+        sampling: schedule, noising step and guidance (default: `SamplingSettings()`).
+        features: the step and decoder blocks of the features (default: `FeatureSettings()`).
+        context: batches, K-Means and KNN memory (default: `ContextSettings()`).
+        refinement: correspondence-based refinement (default: `RefinementSettings()`).
+        modulation: the full-resolution step (default: `ModulationSettings()`).
+        speed: memory budget and speed-ups (default: `SpeedSettings()`).
+
+    Raises:
+        ValueError: for inconsistent steps, or a setting the backbone's family ignores
+            (`Backbone.check_settings`).
     """
 
     def __init__(
         self,
         backbone: Backbone | None = None,
-        batch_size: int = 14,
-        num_clusters: int = 20,
-        context: Literal["autoregressive", "per_frame_kmeans"] = "autoregressive",
-        knn_k: int = 4,
-        kmeans_n_init: int = 10,
-        num_inference_steps: int = 25,
-        noise_step: int = 22,
-        feature_step: int = 24,
-        guidance_scale: float = 5.0,
-        feature_blocks: tuple[int, ...] = (6, 7, 8),
-        aggregate_features: bool = True,
-        single_feature_block: int = 7,
-        cbr: bool = True,
-        cbr_block: int = 7,
-        cbr_weighting: Literal["reference", "uniform"] = "reference",
-        jump_filter: Literal["both", "reference", "none"] = "both",
-        max_jump: int = 1,
-        modulation: ModulationSettings | None = None,
-        max_batch_images: int = 56,
-        vae_batch_images: int = 8,
-        vae_tiling: bool = False,
-        channels_last: bool = False,
-        compile_vae_decoder: bool = False,
         seed: int = 0,
-        size_multiple: int = 64,
-        resize: ResizeMode = "bicubic",
-        vae_encode: VaeEncode = "mean",
-        vae_dtype: Literal["auto", "float32"] = "auto",
-        ignore_index: int = 255,
+        frames: FrameSettings | None = None,
+        sampling: SamplingSettings | None = None,
+        features: FeatureSettings | None = None,
+        context: ContextSettings | None = None,
+        refinement: RefinementSettings | None = None,
+        modulation: ModulationSettings | None = None,
+        speed: SpeedSettings | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"Expected `batch_size` to be at least 1, but got {batch_size}.")
-        if num_clusters < 1:
-            raise ValueError(f"Expected `num_clusters` to be at least 1, but got {num_clusters}.")
-        if not 0 <= noise_step <= feature_step < num_inference_steps:
-            raise ValueError(
-                "Expected 0 <= `noise_step` <= `feature_step` < `num_inference_steps`, but got "
-                f"{noise_step}, {feature_step}, {num_inference_steps}."
-            )
         self.backbone = backbone if backbone is not None else StableDiffusion()
-        self.batch_size = batch_size
-        self.num_clusters = num_clusters
-        self.context = context
-        self.knn_k = knn_k
-        self.kmeans_n_init = kmeans_n_init
-        self.num_inference_steps = num_inference_steps
-        self.noise_step = noise_step
-        self.feature_step = feature_step
-        self.guidance_scale = guidance_scale
-        self.feature_blocks = tuple(feature_blocks)
-        self.aggregate_features = aggregate_features
-        self.single_feature_block = single_feature_block
-        self.cbr = cbr
-        self.cbr_block = cbr_block
-        self.cbr_weighting = cbr_weighting
-        self.jump_filter = jump_filter
-        self.max_jump = max_jump
-        self.modulation = modulation if modulation is not None else ModulationSettings()
-        self.max_batch_images = max_batch_images
-        self.vae_batch_images = vae_batch_images
-        self.vae_tiling = vae_tiling
-        self.channels_last = channels_last
-        self.compile_vae_decoder = compile_vae_decoder
         self.seed = seed
-        if size_multiple < 16 or size_multiple % 16:
+        self.frames = frames if frames is not None else FrameSettings()
+        self.sampling = sampling if sampling is not None else SamplingSettings()
+        self.features = features if features is not None else FeatureSettings()
+        self.context = context if context is not None else ContextSettings()
+        self.refinement = refinement if refinement is not None else RefinementSettings()
+        self.modulation = modulation if modulation is not None else ModulationSettings()
+        self.speed = speed if speed is not None else SpeedSettings()
+        s = self.sampling
+        if not 0 <= s.noise_step <= self.features.step < s.num_inference_steps:
             raise ValueError(
-                f"Expected `size_multiple` to be a positive multiple of 16, but got {size_multiple}."
+                "Expected 0 <= `sampling.noise_step` <= `features.step` < `sampling.num_inference_steps`, "
+                f"but got {s.noise_step}, {self.features.step}, {s.num_inference_steps}."
             )
-        self.size_multiple = size_multiple
-        for name, value, allowed in (
-            ("resize", resize, ("bicubic", "bilinear")),
-            ("vae_encode", vae_encode, ("mean", "sample")),
-            ("vae_dtype", vae_dtype, ("auto", "float32")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"Expected `{name}` to be one of {list(allowed)}, but got {value!r}.")
-        self.resize = resize
-        self.vae_encode = vae_encode
-        self.vae_dtype = vae_dtype
-        self.ignore_index = ignore_index
-        blocks = self.feature_blocks if aggregate_features else (single_feature_block,)
-        self.feature_layers = [self.backbone.attention_layer(b, "self") for b in blocks]
-        self.cbr_layer = self.backbone.attention_layer(cbr_block, "self")
+        self.backbone.check_settings(self.modulation, self.speed)
+        self.feature_layers = [self.backbone.attention_layer(b, "self") for b in self.features.used_blocks]
+        self.cbr_layer = self.backbone.attention_layer(self.refinement.block, "self")
         self._loaded: LoadedModels | None = None
         self._sampler: Sampler | None = None
         self._modulation: Modulation | None = None
@@ -242,24 +179,24 @@ class VideoSegmenter:
         """Load the backbone on `device` (the heavy part); returns self."""
         self._loaded = self.backbone.load(device)
         vae, unet = self._loaded.vae, self._loaded.unet
-        if self.vae_dtype == "float32" and self._loaded.vae_dtype != torch.float32:
+        speed = self.speed
+        if self.frames.vae_dtype == "float32" and self._loaded.vae_dtype != torch.float32:
             vae.float()  # (not `.to(dtype)`, which makes diffusers log a warning)
-        if self.vae_tiling and hasattr(vae, "enable_tiling"):
+        if speed.vae_tiling:
             vae.enable_tiling()
-        if self.channels_last:  # modules with 5-D (video) weights keep their layout
+        if speed.channels_last:  # modules with 5-D (video) weights keep their layout
             for module in (unet, vae):
                 if all(p.dim() <= 4 for p in module.parameters()):
                     module.to(memory_format=torch.channels_last)
-        if self.compile_vae_decoder:
+        if speed.compile_vae_decoder:
             vae.decoder = torch.compile(vae.decoder)
         self._sampler = self.backbone.make_sampler(
             self._loaded,
             self.modulation,
-            num_inference_steps=self.num_inference_steps,
-            start_step=self.noise_step,
-            guidance_scale=self.guidance_scale,
-            max_batch_images=self.max_batch_images,
-            vae_batch_images=self.vae_batch_images,
+            speed,
+            num_inference_steps=self.sampling.num_inference_steps,
+            start_step=self.sampling.noise_step,
+            guidance_scale=self.sampling.guidance_scale,
         )
         self._modulation = self.backbone.make_modulation(self.modulation, self._sampler)
         return self
@@ -283,18 +220,19 @@ class VideoSegmenter:
             raise RuntimeError("Expected the segmenter to be loaded, but `load(device)` was not called.")
 
     def settings(self) -> dict[str, Any]:
-        """Every setting that changes the labels (for hashing outputs).
+        """The settings that change the labels, for the settings hash of the outputs.
 
-        Speed and memory settings (`PERFORMANCE_SETTINGS`) are left out: changing them between a
-        run and its resume does not invalidate finished videos.
+        Exactly the fields `LABEL_SETTINGS` lists, per group, plus `seed` and the backbone's
+        description; speed and memory settings are left out, so changing them between a run and its
+        resume does not invalidate finished videos, and neither does a new attribute or a refactor.
+        (Built from this explicit list since issue #14; the hash of every earlier output changed
+        then, deliberately. tests/test_module.py pins the hash of the default settings.)
         """
-        d = {
-            k: v
-            for k, v in vars(self).items()
-            if not k.startswith("_") and k != "backbone" and k not in PERFORMANCE_SETTINGS
-        }
-        d["modulation"] = {k: v for k, v in vars(self.modulation).items() if k not in PERFORMANCE_SETTINGS}
-        d["backbone"] = self.backbone.description
+        d: dict[str, Any] = {"backbone": self.backbone.description, "seed": int(self.seed)}
+        for group, names in LABEL_SETTINGS.items():
+            settings = getattr(self, group)
+            types = {f.name: f.type for f in fields(settings)}
+            d[group] = {name: _canonical(getattr(settings, name), types[name]) for name in names}
         return d
 
     # -- the method -----------------------------------------------------------------------------
@@ -360,13 +298,15 @@ class VideoSegmenter:
         sm, dev = self._sampler, self.device
         seconds = seconds if seconds is not None else {}
         mode = "first_frame_gt" if first_frame_gt is not None else "cluster"
+        c, fr = self.context, self.frames
+        per_frame = c.method == "per_frame_kmeans"
         ctx = SceneContextModel(
-            num_clusters=self.num_clusters,
-            knn_k=self.knn_k,
-            kmeans_n_init=self.kmeans_n_init,
+            num_clusters=c.num_clusters,
+            knn_k=c.knn_k,
+            kmeans_n_init=c.kmeans_n_init,
             seed=self.seed,
             mode=mode,
-            ignore_index=self.ignore_index,
+            ignore_index=c.ignore_index,
         )
         if state is not None and state.context:
             ctx.load_state_dict(state.context)
@@ -381,14 +321,14 @@ class VideoSegmenter:
             seconds[stage] = seconds.get(stage, 0.0) + now - t0
             return now
 
-        for start in batch_starts(t_total, self.batch_size):
+        for start in batch_starts(t_total, c.batch_size):
             t0 = time.perf_counter()
-            end = min(start + self.batch_size, t_total)
+            end = min(start + c.batch_size, t_total)
             # (B, 3, H', W') in [-1, 1]
-            x = resize_to_multiple(frames[start:end].to(dev), self.size_multiple, self.resize)
+            x = resize_to_multiple(frames[start:end].to(dev), fr.size_multiple, fr.resize)
             size = tuple(x.shape[-2:])
             posterior = None
-            if self.vae_encode == "sample":
+            if fr.vae_encode == "sample":
                 posterior = torch.Generator().manual_seed(noise_seed(self.seed, key, start, "vae"))
             z0 = sm.encode(x, posterior)
             cond = sm.condition(x)
@@ -398,13 +338,13 @@ class VideoSegmenter:
             t0 = tick("encode", t0)
             # what the pass keeps for the modulation (q/k, a UNet prefix) the family set up in `load`
             record = sm.unmodulated_pass(
-                zt, cond, control, self.feature_layers + [self.cbr_layer], self.feature_step
+                zt, cond, control, self.feature_layers + [self.cbr_layer], self.features.step
             )
             feats, cbr_feats = self._features(record, size)
             grid = tuple(feats.shape[1:3])
             t0 = tick("features", t0)
-            if self.context == "per_frame_kmeans":
-                coarse = per_frame_kmeans(feats, self.num_clusters, self.kmeans_n_init, self.seed)
+            if per_frame:
+                coarse = per_frame_kmeans(feats, c.num_clusters, c.kmeans_n_init, self.seed)
             else:
                 if not ctx.initialised:
                     gt = None
@@ -413,15 +353,12 @@ class VideoSegmenter:
                     ctx.initialise(feats, gt)
                 coarse = ctx.predict(feats)
             t0 = tick("context", t0)
-            if self.cbr:
+            r = self.refinement
+            if r.enabled:
                 coarse = correspondence_refine(
-                    cbr_feats,
-                    coarse,
-                    weighting=self.cbr_weighting,
-                    jump_filter=self.jump_filter,
-                    max_jump=self.max_jump,
+                    cbr_feats, coarse, weighting=r.weighting, jump_filter=r.jump_filter, max_jump=r.max_jump
                 )
-            if self.context != "per_frame_kmeans":
+            if not per_frame:
                 ctx.update(feats, coarse)
             t0 = tick("cbr", t0)
             # (B, H, W): the argmax is taken at the frames' own size
@@ -438,7 +375,7 @@ class VideoSegmenter:
             )
             emitted = end
         if state is not None:
-            state.context = ctx.state_dict() if self.context != "per_frame_kmeans" else {}
+            state.context = ctx.state_dict() if not per_frame else {}
 
     def segment(
         self,

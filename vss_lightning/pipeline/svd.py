@@ -26,6 +26,7 @@ from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNet
 from .attention import decoder_attention_layers, svd_block_layer
 from .backbone import Backbone, DTypeName, loading_errors, resolve_dtype, resolve_source
 from .modulation import ModulationSettings
+from .settings import SpeedSettings
 from .svd_modulation import SVDModulation, svd_inject_layers
 from .svd_sampler import LoadedVideoBackbone, SVDSampler, SVDSettings
 
@@ -41,13 +42,40 @@ class SVDBackbone(Backbone):
         """The spatial attention of a decoder block (features and CBR use spatial self-attention)."""
         return svd_block_layer(block, attention, "spatial")
 
+    def check_settings(self, modulation: ModulationSettings, speed: SpeedSettings) -> None:
+        """Refuse the SD-only speed settings, which this family would ignore or cannot run."""
+        sd_only = {
+            "reuse_prefix": "prefix reuse is an SD speed-up; the SVD modulation recomputes every step",
+            "channels_last": "SVD's 5-D video weights keep their layout, so it would change nothing",
+            "vae_tiling": "SVD's temporal VAE decoder has no tiled decoding",
+        }
+        for name, why in sd_only.items():
+            if getattr(speed, name):
+                raise ValueError(
+                    f"Expected `speed.{name}` to be false for a Stable Video Diffusion backbone ({why}), "
+                    f"but got true. Set `speed: {{{name}: false}}` in the segmenter's config or pass "
+                    f"`--model.segmenter.init_args.speed.{name} false`."
+                )
+
     def make_sampler(
-        self, loaded: LoadedVideoBackbone, modulation: ModulationSettings, **settings
+        self,
+        loaded: LoadedVideoBackbone,
+        modulation: ModulationSettings,
+        speed: SpeedSettings | None = None,
+        **schedule,
     ) -> SVDSampler:
         # The unmodulated pass keeps q/k of exactly the layers the modulation injects.
+        speed = speed if speed is not None else SpeedSettings()
         inject = modulation.enabled and modulation.inject
         qk_layers = svd_inject_layers(decoder_attention_layers(loaded.unet), modulation) if inject else []
-        return SVDSampler(loaded, conditioning=self.settings, qk_layers=qk_layers, **settings)
+        return SVDSampler(
+            loaded,
+            max_batch_images=speed.max_batch_images,
+            vae_batch_images=speed.vae_batch_images,
+            conditioning=self.settings,
+            qk_layers=qk_layers,
+            **schedule,
+        )
 
     def make_modulation(self, settings: ModulationSettings, sampler: SVDSampler) -> SVDModulation:
         return SVDModulation(settings, sampler)

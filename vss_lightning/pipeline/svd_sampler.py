@@ -5,7 +5,7 @@ configures it: Karras sigmas from 700 to 0.002, rho 7, continuous timesteps 0.25
 UNet sees x / sqrt(sigma^2 + 1) concatenated (channels) with the VAE latent of the batch's first
 frame; the denoised estimate is x / (sigma^2 + 1) - sigma v / sqrt(sigma^2 + 1); an Euler step is
 x <- x + (sigma_{i+1} - sigma_i) (x - denoised) / sigma_i. Classifier-free guidance ramps linearly
-over the frames, from `min_guidance_scale` (frame 0) to the segmenter's `guidance_scale`.
+over the frames, from `min_guidance_scale` (frame 0) to the segmenter's `sampling.guidance_scale`.
 
 Conditioning (`condition`, computed from the batch's first resized frame and handed to the passes):
 the CLIP image embedding of the clean frame (the unconditional branch gets zeros), the unscaled VAE
@@ -37,7 +37,7 @@ class SVDSettings:
         cond_aug: std of the Gaussian noise added to the conditioning frame before VAE encoding
             (also the third `added_time_ids` entry).
         min_guidance_scale: guidance of the batch's first frame; it ramps linearly to the
-            segmenter's `guidance_scale` at the last frame.
+            segmenter's `sampling.guidance_scale` at the last frame.
         noise_seed: seed of the `cond_aug` noise (the same noise every batch, as the reference).
     """
 

@@ -13,7 +13,9 @@ needs on this process:
   or the first labelled frame k; with k > 0 the frames k.. are segmented forwards from it and the
   frames ..k backwards (reversed) from it, each direction with its own context model;
 - on a GPU out-of-memory error, one retry with half the sampler's memory budget (`max_batch_images`,
-  `vae_batch_images`), restored afterwards whatever happens.
+  `vae_batch_images`), restored afterwards whatever happens;
+- the label prototypes of the video (`pipeline.prototypes`: the mean feature of each final label),
+  summed over the clips labelled here since the video (re)started and handed out with its last clip.
 
 Plain PyTorch: it uses only the public API of `VideoSegmenter` and no Lightning or data layer.
 """
@@ -30,6 +32,7 @@ from typing import Literal, Protocol
 import torch
 
 from vss_lightning.clips import Clip, ClipAssembler, is_last_clip
+from vss_lightning.pipeline.prototypes import PrototypeAccumulator, VideoPrototypes
 from vss_lightning.pipeline.segmenter import VideoSegmenter, VideoState
 
 log = logging.getLogger(__name__)
@@ -63,12 +66,32 @@ class ClipLabels:
         seconds: wall-clock seconds of the pipeline on the clip.
         stage_seconds: wall-clock seconds per pipeline stage.
         retried: True when the clip ran a second time with half the memory budget after an OOM.
+        prototypes: with the last clip of a video, the video's label prototypes (over the clips
+            labelled here since it started); None for other clips.
     """
 
     labels: torch.Tensor
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     retried: bool = False
+    prototypes: VideoPrototypes | None = None
+
+
+def map_labels(labels: torch.Tensor, mapping: dict[int, int]) -> torch.Tensor:
+    """`labels` with every id replaced by `mapping[id]` (uint8 when every new id is below 256).
+
+    Raises:
+        ValueError: if a label has no entry in `mapping`.
+    """
+    present = labels.unique().tolist()
+    missing = [v for v in present if v not in mapping]
+    if missing:
+        raise ValueError(f"Expected every label to have a global id, but {missing} have none.")
+    lut = torch.zeros(max(present, default=0) + 1, dtype=torch.int64)
+    for local in present:
+        lut[local] = mapping[local]
+    out = lut[labels.long()]
+    return out.to(torch.uint8) if out.numel() == 0 or int(out.max()) < 256 else out.to(torch.int32)
 
 
 @contextlib.contextmanager
@@ -93,6 +116,10 @@ class VideoLabeller:
             anchor frame).
         gt_anchor: "first_frame" or "first_labelled" (the anchor of "first_frame_gt").
         oom_retry: retry a clip once with half the memory budget on a GPU out-of-memory error.
+        relabel: maps a video's prototypes to `{local label: global id}` (a corpus vocabulary); the
+            clip's labels are then written in global ids. The map uses the prototypes of the clips
+            labelled so far, so for a video in one clip it equals `vocabulary apply` on the local
+            labels; earlier clips of a video split into clips are mapped with fewer frames' evidence.
     """
 
     def __init__(
@@ -101,19 +128,23 @@ class VideoLabeller:
         label_mode: LabelMode = "cluster",
         gt_anchor: GtAnchor = "first_frame",
         oom_retry: bool = True,
+        relabel: Callable[[VideoPrototypes], dict[int, int]] | None = None,
     ) -> None:
         self.segmenter = segmenter
         self.label_mode = label_mode
         self.gt_anchor = gt_anchor
         self.oom_retry = oom_retry
+        self.relabel = relabel
         self.states: ClipAssembler[VideoState] = ClipAssembler()
         self.failed: set[str] = set()  # split videos with a failed clip, until their last clip
         self.listeners: list[FrameListener] = []
+        self._prototypes: dict[str, PrototypeAccumulator] = {}  # per video, until its last clip
 
     def reset(self) -> None:
         """Forget every video (a new run)."""
         self.states.clear()
         self.failed.clear()
+        self._prototypes.clear()
 
     def earlier_failure(self, clip: Clip) -> str | None:
         """Why `clip` must not be segmented (an earlier clip of its video failed here), else None.
@@ -124,6 +155,7 @@ class VideoLabeller:
         if clip.clip_index == 0:
             self.states.pop(vid)
             self.failed.discard(vid)
+            self._prototypes.pop(vid, None)
             return None
         if vid not in self.failed:
             return None
@@ -136,6 +168,7 @@ class VideoLabeller:
     def skip(self, clip: Clip) -> None:
         """`clip` is not labelled here (its output is complete): its video's state goes."""
         self.states.pop(clip.video_id)
+        self._prototypes.pop(clip.video_id, None)
 
     def label(
         self, clip: VideoClip, frames: torch.Tensor, labels: torch.Tensor | None = None, where: str = ""
@@ -145,7 +178,7 @@ class VideoLabeller:
         Args:
             clip: the clip's identity, offset and frame names.
             frames: (T, 3, H, W) uint8 frames (any device).
-            labels: (T, H, W) ground truth, `segmenter.ignore_index` where unlabelled (needed by
+            labels: (T, H, W) ground truth, `segmenter.context.ignore_index` where unlabelled (needed by
                 "first_frame_gt").
             where: names the clip in messages (video and shard).
 
@@ -164,6 +197,8 @@ class VideoLabeller:
                 f"{clip.clip_index - 1} (not seen on this rank just before); its labels start afresh."
             )
         state = state if state is not None else VideoState()
+        if not continuing:
+            self._prototypes.pop(vid, None)
         try:
             gt = (
                 self.anchor(clip, labels, where)
@@ -172,11 +207,21 @@ class VideoLabeller:
             )
             out = self._with_oom_retry(clip, frames, gt, state, where)
         except Exception:
+            self._prototypes.pop(vid, None)
             if not is_last_clip(clip):
                 self.failed.add(vid)
             raise
+        mapping = None
+        if self.relabel is not None and vid in self._prototypes:
+            mapping = self.relabel(self._prototypes[vid].result(vid))
+            out.labels = map_labels(out.labels, mapping)
         if not is_last_clip(clip):
             self.states.add(clip, state)
+        else:
+            accumulator = self._prototypes.pop(vid, None)
+            if accumulator is not None and mapping is not None:
+                accumulator = accumulator.remapped(mapping)  # prototypes of the ids written
+            out.prototypes = accumulator.result(vid) if accumulator is not None else None
         return out
 
     def anchor(
@@ -187,7 +232,7 @@ class VideoLabeller:
         Raises:
             ValueError: if that frame has no label (naming the frame and the fix).
         """
-        ignore = self.segmenter.ignore_index
+        ignore = self.segmenter.context.ignore_index
         labelled = [] if labels is None else (labels != ignore).flatten(1).any(1).nonzero().flatten().tolist()
         index = 0 if self.gt_anchor == "first_frame" else (labelled[0] if labelled else 0)
         if index not in labelled:
@@ -254,12 +299,14 @@ class VideoLabeller:
             back_key = seed_key(f"{vid}:backward", clip.frame_offset + anchor)
             passes.append((frames[: anchor + 1].flip(0), -1, VideoState(), back_key))
         done = 0
+        clip_sums = PrototypeAccumulator()  # this attempt's; merged into the video's on success
         self._tell(vid, 0, t)  # the video starts
         for part_frames, direction, part_state, key in passes:
             for part in self.segmenter.iter_segment(
                 part_frames, gt_frame, part_state, key=key, seconds=stage_seconds
             ):
                 labels = part.labels
+                keep = list(range(len(part.indices)))
                 if direction < 0:  # frame i of the reversed clip is frame anchor - i; the anchor is done
                     keep = [j for j, i in enumerate(part.indices) if i > 0]
                     indices, labels = [anchor - part.indices[j] for j in keep], labels[keep]
@@ -268,8 +315,16 @@ class VideoLabeller:
                 if labels.numel() and out.dtype == torch.uint8 and int(labels.max()) > 255:
                     out = out.to(torch.int32)
                 out[indices] = labels.to(out.dtype)
+                if part.features is not None:
+                    rows = torch.tensor(keep, dtype=torch.long)
+                    clip_sums.add(
+                        part.features[rows.to(part.features.device)],
+                        part.coarse[rows],
+                        [clip.frame_offset + i for i in indices],
+                    )
                 done += len(indices)
                 self._tell(vid, done, t)
+        self._prototypes.setdefault(vid, PrototypeAccumulator()).merge(clip_sums)
         return ClipLabels(out, time.perf_counter() - t0, stage_seconds)
 
     def _tell(self, video_id: str, done: int, total: int) -> None:

@@ -29,7 +29,7 @@ from vss_lightning.io.files import atomic_write, json_bytes
 from . import kmeans
 from .corpus import DONE, video_folders
 from .fit import load_vocabulary, vocabulary_hash
-from .prototypes import PROTOTYPES, PrototypeError, VideoPrototypes
+from .prototypes import PROTOTYPES, PrototypeError, VideoPrototypes, load_prototypes
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def apply_vocabulary(labels: Path, vocab: Path, out: Path) -> ApplySummary:
             ):
                 summary.skipped.append(vid)
                 continue
-        mapping = global_map(VideoPrototypes.load(vdir / PROTOTYPES), centroids)
+        mapping = global_map(load_prototypes(vdir / PROTOTYPES), centroids)
         lut = np.zeros(max([*mapping, 0]) + 1, dtype=np.int64)
         for local, g in mapping.items():
             lut[local] = g

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from vss_lightning.io.png_store import DONE
 
-from .prototypes import PROTOTYPES, PrototypeError, VideoPrototypes
+from .prototypes import PROTOTYPES, PrototypeError, VideoPrototypes, load_prototypes
 
 FrameSource = Callable[[str, str], "np.ndarray | None"]  # (video id, frame name) -> (H, W, 3) uint8
 
@@ -85,7 +85,7 @@ class Corpus:
 
     def videos(self) -> Iterator[VideoPrototypes]:
         for path in self.files:
-            yield VideoPrototypes.load(path)
+            yield load_prototypes(path)
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for p in self.videos():

@@ -1,0 +1,206 @@
+"""The segmenter's settings, one typed dataclass per stage of the method (docs/method.md).
+
+`VideoSegmenter(backbone, seed, frames, sampling, features, context, refinement, modulation, speed)`
+takes one instance of each (the full-resolution step's `ModulationSettings` lives in `modulation.py`).
+LightningCLI turns them into nested config keys, e.g. `--model.segmenter.init_args.context.batch_size`,
+so `--print_config` lists the settings stage by stage, in the order of the method.
+
+`LABEL_SETTINGS` is the explicit list of the fields that change the labels: only they enter the
+settings hash written next to the outputs (`VideoSegmenter.settings`). Everything else is a speed or
+memory setting, which a resumed run may change without invalidating finished videos. A new field
+must be classified (tests/test_segmenter.py fails for a field in neither list).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .sampler import ResizeMode, VaeEncode
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"Expected `{name}` to be one of {list(allowed)}, but got {value!r}.")
+
+
+@dataclass
+class FrameSettings:
+    """How a frame becomes a latent (docs/method.md sections 0 and 9).
+
+    Attributes:
+        size_multiple: frames are resized so height and width are floored to multiples of this (64:
+            the latent is 1/8 and the feature grid 1/16 of the frame, both integral).
+        resize: how frames are resized to those multiples: "bicubic" (antialiased, on the uint8
+            values, rounded back to uint8 as PIL's default resize, which the reference uses) or
+            "bilinear" (antialiased, on the [-1, 1] floats).
+        vae_encode: latent of a frame: the VAE posterior "mean" (deterministic) or a posterior
+            "sample" (as the reference), seeded from `seed`, the video key and the batch start.
+        vae_dtype: "auto" runs the VAE in the backbone's dtype; "float32" keeps it in float32 when
+            the backbone computes in float16/bfloat16 (more memory and time for the decodes, no fp16
+            rounding in the images the difference maps are taken from).
+    """
+
+    size_multiple: int = 64
+    resize: ResizeMode = "bicubic"
+    vae_encode: VaeEncode = "mean"
+    vae_dtype: Literal["auto", "float32"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.size_multiple < 16 or self.size_multiple % 16:
+            raise ValueError(
+                "Expected `frames.size_multiple` to be a positive multiple of 16, but got "
+                f"{self.size_multiple}."
+            )
+        _check_choice("frames.resize", self.resize, ("bicubic", "bilinear"))
+        _check_choice("frames.vae_encode", self.vae_encode, ("mean", "sample"))
+        _check_choice("frames.vae_dtype", self.vae_dtype, ("auto", "float32"))
+
+
+@dataclass
+class SamplingSettings:
+    """The noising and the sampler's schedule (docs/method.md section 0).
+
+    Attributes:
+        num_inference_steps: length of the schedule (25).
+        noise_step: step index whose noise level the frames are noised to (22, t = 119); the steps
+            from it to the end are run.
+        guidance_scale: classifier-free guidance scale (5; for SVD the top of its per-frame ramp,
+            which starts at the backbone's `settings.min_guidance_scale`).
+    """
+
+    num_inference_steps: int = 25
+    noise_step: int = 22
+    guidance_scale: float = 5.0
+
+
+@dataclass
+class FeatureSettings:
+    """Which queries of the unmodulated pass are the features (docs/method.md section 1).
+
+    Attributes:
+        step: step whose self-attention queries are the features (24, t = 39).
+        blocks: decoder blocks (paper numbering) whose queries are averaged when `aggregate` (6, 7, 8).
+        aggregate: average the `blocks` features; else use `single_block`.
+        single_block: the feature block without aggregation (7).
+    """
+
+    step: int = 24
+    blocks: list[int] = field(default_factory=lambda: [6, 7, 8])
+    aggregate: bool = True
+    single_block: int = 7
+
+    @property
+    def used_blocks(self) -> list[int]:
+        """The blocks whose queries make the feature."""
+        return list(self.blocks) if self.aggregate else [self.single_block]
+
+
+@dataclass
+class ContextSettings:
+    """The scene context model: batches, K-Means and the KNN memory (docs/method.md section 2).
+
+    Attributes:
+        method: "autoregressive" (K-Means init + KNN memory, the method) or "per_frame_kmeans" (the
+            frame-by-frame baseline: K-Means on every frame independently).
+        batch_size: B, frames per batch (14).
+        num_clusters: K of the K-Means initialisation (20).
+        knn_k: neighbours of the KNN classifier (4).
+        kmeans_n_init: K-Means restarts (10).
+        ignore_index: ground-truth value that means "no class" (255): it does not vote in the
+            `first_frame_gt` label mode.
+    """
+
+    method: Literal["autoregressive", "per_frame_kmeans"] = "autoregressive"
+    batch_size: int = 14
+    num_clusters: int = 20
+    knn_k: int = 4
+    kmeans_n_init: int = 10
+    ignore_index: int = 255
+
+    def __post_init__(self) -> None:
+        _check_choice("context.method", self.method, ("autoregressive", "per_frame_kmeans"))
+        for name in ("batch_size", "num_clusters", "knn_k", "kmeans_n_init"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"Expected `context.{name}` to be at least 1, but got {value}.")
+
+
+@dataclass
+class RefinementSettings:
+    """Correspondence-based refinement, CBR (docs/method.md section 3).
+
+    Attributes:
+        enabled: run the refinement.
+        block: the decoder block whose self-attention queries CBR matches (7).
+        weighting: "reference" (a = q / (q + 1)) or "uniform" (a = 1, pure chaining).
+        jump_filter: drop tracks that move more than `max_jump` cells: "both" directions,
+            "reference" (positive jumps only) or "none".
+        max_jump: the largest allowed move per step, in grid cells (1).
+    """
+
+    enabled: bool = True
+    block: int = 7
+    weighting: Literal["reference", "uniform"] = "reference"
+    jump_filter: Literal["both", "reference", "none"] = "both"
+    max_jump: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice("refinement.weighting", self.weighting, ("reference", "uniform"))
+        _check_choice("refinement.jump_filter", self.jump_filter, ("both", "reference", "none"))
+
+
+@dataclass
+class SpeedSettings:
+    """Speed and memory: the same labels, whatever their values (except `vae_tiling`).
+
+    Attributes:
+        max_batch_images: most images in one UNet forward (CFG branches count): the memory budget.
+        vae_batch_images: most images in one VAE encode/decode.
+        vae_tiling: decode in overlapping tiles (diffusers `enable_tiling`): less memory for very
+            large frames, slightly different pixels at tile seams (so it is part of the settings
+            hash). Stable Diffusion only.
+        channels_last: run the UNet and VAE in channels-last memory format. Stable Diffusion only
+            (SVD's 5-D video weights keep their layout).
+        compile_vae_decoder: `torch.compile` the VAE decoder (GPU: about 2x faster decodes after
+            a one-off compile of about a minute; decode chunks are padded to one shape).
+        reuse_prefix: at the first modulated step, reuse the unmodulated pass's UNet computation
+            before the modulated layer instead of recomputing it (same labels, about a fifth less
+            UNet work). None (the default): on where the family has it (Stable Diffusion), off
+            otherwise; true with an SVD backbone is an error.
+    """
+
+    max_batch_images: int = 56
+    vae_batch_images: int = 8
+    vae_tiling: bool = False
+    channels_last: bool = False
+    compile_vae_decoder: bool = False
+    reuse_prefix: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_images < 2:
+            raise ValueError(
+                f"Expected `speed.max_batch_images` to be at least 2, but got {self.max_batch_images}."
+            )
+        if self.vae_batch_images < 1:
+            raise ValueError(
+                f"Expected `speed.vae_batch_images` to be at least 1, but got {self.vae_batch_images}."
+            )
+
+
+# The settings hash: the fields that change the labels, per group ("seed" is the segmenter's own
+# argument). Changing this list (or the hash's construction in `VideoSegmenter.settings` and
+# `ZeroShotVSS.settings_hash`) invalidates every finished output: do it deliberately.
+LABEL_SETTINGS: dict[str, tuple[str, ...]] = {
+    "frames": ("size_multiple", "resize", "vae_encode", "vae_dtype"),
+    "sampling": ("num_inference_steps", "noise_step", "guidance_scale"),
+    "features": ("step", "blocks", "aggregate", "single_block"),
+    "context": ("method", "batch_size", "num_clusters", "knn_k", "kmeans_n_init", "ignore_index"),
+    "refinement": ("enabled", "block", "weighting", "jump_filter", "max_jump"),
+    "modulation": (
+        "enabled", "strength", "steps", "block", "attention", "layer_types", "inject",
+        "inject_layer_types", "blend", "blend_steps", "mask_filter", "filter_strength", "blur_kernel",
+        "blur_sigma",
+    ),
+    "speed": ("vae_tiling",),  # tiles change pixels at their seams
+}  # fmt: skip
