@@ -163,7 +163,7 @@ def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def test_predict_rerun_skips_and_a_killed_run_resumes(tmp_path, tmp_path_factory):
+def test_predict_rerun_skips_and_a_killed_run_resumes(tmp_path, tmp_path_factory, monkeypatch):
     # 1. `vss-lightning predict` (run once per session by `reference_run`): every frame labelled at
     #    its frame's size, one DONE per video with its frame count.
     videos, shards, out = reference_run(tmp_path_factory.getbasetemp())
@@ -187,7 +187,14 @@ def test_predict_rerun_skips_and_a_killed_run_resumes(tmp_path, tmp_path_factory
 
     # 2. `lightning predict` into the same folder: everything is skipped, nothing rewritten.
     mtimes = {rel: (out / rel).stat().st_mtime_ns for rel in labels}
-    _run([str(BIN / "lightning"), *predict_args(shards, out)])
+    with monkeypatch.context() as m:  # in this process (the script's own start is tested elsewhere)
+        m.setattr(sys, "argv", ["lightning", *predict_args(shards, out)])
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            cli.lightning_main()
+        finally:
+            torch.set_num_threads(torch_threads)
     total = _summary(out)["total"]
     assert (total["videos"], total["skipped_videos"], total["skipped_frames"]) == (0, len(videos), n_frames)
     assert {rel: (out / rel).stat().st_mtime_ns for rel in labels} == mtimes

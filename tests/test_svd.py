@@ -394,18 +394,20 @@ def test_configs_parse_without_loading_weights(name, capsys, monkeypatch):
 
 def test_swan_segments_deterministically_with_full_size_labels(swan_frames):
     # The real clip, downscaled so the CPU run takes seconds; 80x150 is resized to 64x128 inside.
-    small = torch.nn.functional.interpolate(swan_frames.float(), size=(80, 150), mode="area").round().byte()
+    # Seven frames in one batch of seven (the golden test runs the smoke config on swan as well).
+    frames = swan_frames[:7]
+    small = torch.nn.functional.interpolate(frames.float(), size=(80, 150), mode="area").round().byte()
     seg = VideoSegmenter(
         backbone=TinyStableVideoDiffusion(seed=0),
         sampling=SamplingSettings(noise_step=17, guidance_scale=2.5),
-        context=ContextSettings(num_clusters=3, kmeans_n_init=2),
+        context=ContextSettings(batch_size=7, num_clusters=3, kmeans_n_init=2),
         modulation=svd_modulation_settings(),
         speed=SpeedSettings(max_batch_images=56, reuse_prefix=False),
     ).load("cpu")
     a = seg.segment(small, key="swan:0")
     b = seg.segment(small, key="swan:0")
-    assert a.labels.shape == (14, 80, 150) and a.coarse.shape == (14, 4, 8)
+    assert a.labels.shape == (7, 80, 150) and a.coarse.shape == (7, 4, 8)
     assert torch.equal(a.labels, b.labels) and torch.equal(a.coarse, b.coarse)
-    for f in range(14):
+    for f in range(7):
         assert set(a.labels[f].unique().tolist()) <= set(a.coarse[f].unique().tolist())
     assert set(a.coarse.unique().tolist()) <= set(range(3))
