@@ -189,8 +189,9 @@ def lookup_help(
 # --- argument errors -------------------------------------------------------------------------------
 
 
-def _unknown_init_arg(message: str) -> str | None:
-    """A copy of `lightning_cli._unknown_init_arg` (standard library only; tests check they agree)."""
+def unknown_init_arg(message: str) -> str | None:
+    """`--model.segmenter.init_args.x` from jsonargparse's `Parser key "model.segmenter": ... Option 'x'
+    is not accepted` (an unknown argument of a class given by class_path), or None."""
     keys = re.findall(r"Parser key \"([A-Za-z0-9_.]+)\"", message)
     option = re.search(r"Option '([A-Za-z0-9_.]+)' is not accepted", message)
     if keys and option:
@@ -199,11 +200,14 @@ def _unknown_init_arg(message: str) -> str | None:
 
 
 def did_you_mean(message: str, known: set[str] | list[str]) -> str:
-    """A copy of `lightning_cli.did_you_mean` (standard library only; tests check they agree)."""
+    """`Did you mean --x?` for the first unknown option or key named in a parser error, or "".
+
+    Used by the full parser (`lightning_cli.VSSArgumentParser`) and the fast path alike.
+    """
     known = set(known)
     words = re.findall(r"--[A-Za-z0-9_.+-]+", message)
     words += ["--" + k for k in re.findall(r"[Kk]ey[s]? ['\"]([A-Za-z0-9_.]+)['\"]", message)]
-    unknown = _unknown_init_arg(message)
+    unknown = unknown_init_arg(message)
     words = [unknown, *words] if unknown else words
     for word in words:
         if word in known:
@@ -334,7 +338,7 @@ def _precheck(argv: list[str], prog: str, schema: dict[str, Any]) -> str | None:
         return f"error: {first} Did you mean `{close[0]}`?\n{errors['hint']}\n"
     message = errors["unrecognized"] + " ".join(extras)
     first = " ".join(message.split())
-    unknown = _unknown_init_arg(first)
+    unknown = unknown_init_arg(first)
     if unknown:
         first = errors["not_an_option"].replace("{key}", unknown)
     if len(first) > 600:

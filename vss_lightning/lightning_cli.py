@@ -25,11 +25,9 @@ one, and keeps its run under `<output_dir>/wandb/` unless its `save_dir` is set 
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import logging
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -42,6 +40,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 
 from vss_lightning.callbacks import WandbVideoLogger
+from vss_lightning.cli_schema import did_you_mean, unknown_init_arg  # stdlib only, shared with the fast path
 from vss_lightning.data.datamodule import VideoShardDataModule
 from vss_lightning.io.progress import VideoProgressBar
 from vss_lightning.io.summary import atomic_write
@@ -115,32 +114,6 @@ def _init_arg_names() -> set[str]:
     return names
 
 
-def _unknown_init_arg(message: str) -> str | None:
-    """`--model.segmenter.init_args.x` from jsonargparse's `Parser key "model.segmenter": ... Option 'x'
-    is not accepted` (an unknown argument of a class given by class_path), or None."""
-    keys = re.findall(r"Parser key \"([A-Za-z0-9_.]+)\"", message)
-    option = re.search(r"Option '([A-Za-z0-9_.]+)' is not accepted", message)
-    if keys and option:
-        # the outer key is a class_path (init_args); nested settings are dataclasses (no init_args)
-        return f"--{keys[0]}.init_args." + ".".join([*keys[1:], option.group(1)])
-    return None
-
-
-def did_you_mean(message: str, known: set[str]) -> str:
-    """`Did you mean --x?` for the first unknown option or key named in a parser error, or ""."""
-    words = re.findall(r"--[A-Za-z0-9_.+-]+", message)
-    words += ["--" + k for k in re.findall(r"[Kk]ey[s]? ['\"]([A-Za-z0-9_.]+)['\"]", message)]
-    unknown = _unknown_init_arg(message)
-    words = [unknown, *words] if unknown else words
-    for word in words:
-        if word in known:
-            continue
-        close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.75)
-        if close:
-            return f" Did you mean `{close[0]}`?"
-    return ""
-
-
 class VSSArgumentParser(LightningArgumentParser):
     """LightningArgumentParser whose errors are one or two lines: the error, a "did you mean", and
     where the full list of options is (instead of the whole usage text). No option abbreviations: a
@@ -158,7 +131,7 @@ class VSSArgumentParser(LightningArgumentParser):
         if any(k.startswith("--model.") for k in known) or "model" in message:
             known |= _init_arg_names()
         first = " ".join(str(message).split())  # one line
-        unknown = _unknown_init_arg(first)
+        unknown = unknown_init_arg(first)
         if unknown:  # jsonargparse lists every subtype's error; the one that matters is this
             first = f"`{unknown}` is not an option (on the command line or in a config file)."
         if len(first) > 600:
