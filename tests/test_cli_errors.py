@@ -233,3 +233,25 @@ def test_a_full_disk_fails_the_video_names_the_path_and_keeps_the_summary(tmp_pa
     code, lines = _run(capsys, predict_args(str(tmp_path / "s-000000.tar"), tmp_path / "out2"))
     error = _short(lines)
     assert code == cli.EXIT_ERROR and "No space left on device" in error and "summary.json" in error
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_read_only_output_folder_ends_in_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """EROFS (a read-only mount; root ignores permission bits, so the error is injected) when the
+    writer makes its folder: one line naming the path, exit status 1, no traceback."""
+    import errno
+    from pathlib import Path
+
+    write_shard(tmp_path / "s-000000.tar", video_samples(make_video("v", 2, size=(64, 96))))
+    out = tmp_path / "ro" / "out"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    code, lines = _run(capsys, predict_args(str(tmp_path / "s-000000.tar"), out))
+    error = _short(lines)
+    assert code == cli.EXIT_ERROR and "Read-only file system" in error and str(tmp_path / "ro") in error

@@ -411,3 +411,20 @@ def test_video_lock_is_held_across_clips_and_released_on_failure(tmp_path):
     assert (tmp_path / "x.lock").exists()
     a.release()
     assert b.acquire() is None
+
+
+def test_frame_progress_inside_a_long_video_keeps_its_lock_fresh(tmp_path):
+    """Another host judges a lock by its age: it is refreshed while the video's frames come, not
+    only between clips (throttled to lock_timeout_s / 20)."""
+    writer = _writer(tmp_path)
+    assert not writer.is_complete(_meta("long", 2))  # takes the lock
+    lock = tmp_path / "long.lock"
+    os.utime(lock, (1000.0, 1000.0))  # as if untouched for a long time
+    writer.on_frames("long", 1, 100)
+    assert lock.stat().st_mtime > 1000.0 + 3600
+    os.utime(lock, (1000.0, 1000.0))
+    writer.on_frames("long", 2, 100)  # within the throttle interval: not touched again
+    assert lock.stat().st_mtime == 1000.0
+    writer.on_frames("other", 1, 10)  # a video this job does not hold: nothing happens
+    assert not (tmp_path / "other.lock").exists()
+    _finish(writer)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,7 @@ class PngStore:
         self._refused: dict[tuple[str, int], str] = {}  # (video, clip) refused by is_complete: the reason
         self._seen: dict[tuple[str, int], str] = {}  # (video, clip) labelled or skipped this run: its shard
         self._locks: dict[str, FileLock] = {}  # videos this job holds the lock of
+        self._touched: dict[str, float] = {}  # video -> monotonic time its lock was last refreshed
         self._busy: dict[tuple[str, int], str] = {}  # (video, clip) locked by another live job: its holder
 
     def is_complete(self, meta: VideoMeta) -> bool:
@@ -179,6 +181,17 @@ class PngStore:
         elif vid in self._locks:
             self._locks[vid].refresh()  # more clips to come: still alive
 
+    def touch(self, vid: str) -> None:
+        """Refresh the lock of `vid` while its frames are being labelled (called on frame progress),
+        at most every `lock_timeout_s / 20` seconds (at least 1 s): a long video keeps its lock fresh
+        for jobs on other hosts, which judge staleness by the lock's age, not only between clips."""
+        lock = self._locks.get(vid)
+        now = time.monotonic()
+        if lock is None or now - self._touched.get(vid, -float("inf")) < max(1.0, self.lock_timeout_s / 20):
+            return
+        self._touched[vid] = now
+        lock.refresh()
+
     # -- video locks: one job computes a video ------------------------------------------------------
     def _done_here(self, done: dict[str, Any] | None, meta: VideoMeta) -> bool:
         """Whether `done` marks `meta`'s video complete with this run's settings (raises if another video)."""
@@ -208,6 +221,7 @@ class PngStore:
         return None
 
     def _unlock(self, vid: str) -> None:
+        self._touched.pop(vid, None)
         lock = self._locks.pop(vid, None)
         if lock is not None:
             lock.release()

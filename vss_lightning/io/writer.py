@@ -130,6 +130,14 @@ class PseudoLabelWriter(StageCallback):
         register = getattr(pl_module, "set_completeness_check", None)
         if callable(register):
             register(self.is_complete)
+        listen = getattr(pl_module, "add_frame_listener", None)
+        if callable(listen):  # frame progress inside a video keeps its lock fresh (other hosts)
+            listen(self.on_frames)
+
+    def on_frames(self, video_id: str, done: int, total: int) -> None:
+        """Frames of `video_id` were labelled: refresh its lock (png output; throttled there)."""
+        if self._png is not None:
+            self._png.touch(video_id)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         register = getattr(pl_module, "set_completeness_check", None)
