@@ -351,3 +351,34 @@ def test_remapped_prototypes_pool_the_labels_mapped_to_one_id_and_labels_map():
     assert mapped.dtype == torch.int32 and mapped[0, 0, 2] == 5 and mapped[1, 0, 0] == 300
     with pytest.raises(ValueError, match=r"\[2\] have none"):
         map_labels(coarse, {0: 1, 1: 1})
+
+
+def test_evaluate_scores_global_ids_by_their_names_with_no_matching(tmp_path, capsys):
+    """`evaluate --names names.yaml`: each predicted id is the dataset class of its name."""
+    from shards import make_shards
+
+    from vss_lightning.evaluate import main as evaluate_main
+
+    folder = tmp_path / "gt"
+    videos = make_shards(folder, [[("a", 2), ("b", 2)]], labelled=True)
+    manifest = {"shards": [{"name": "test-000000.tar", "clips": 2}], "num_classes": 4,
+                "class_names": ["background", "Road", "sky", "car"]}  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    # Predictions in "global ids" 10 + class: names.yaml names them by the dataset's classes.
+    for vid, video in videos.items():
+        (tmp_path / "pred" / vid).mkdir(parents=True)
+        for name, lab in zip(video.names, video.labels, strict=True):
+            (tmp_path / "pred" / vid / f"{name}.png").write_bytes(encode_png((lab + 10).astype(np.uint8)))
+    names = tmp_path / "names.yaml"
+    names.write_text('10: background\n11: road\n12: "Sky"\n13: car\n')
+    evaluate_main(["--pred", str(tmp_path / "pred"), "--gt", str(folder), "--names", str(names)])
+    assert json.loads(capsys.readouterr().out)["mIoU"] == pytest.approx(1.0)
+    names.write_text("10: background\n11: road\n12: sky\n13: bus\n")  # "bus" is not a class: wrong
+    evaluate_main(["--pred", str(tmp_path / "pred"), "--gt", str(folder), "--names", str(names)])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["per_class_iou"][3] == 0.0 and "['bus']" in captured.err
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(
+            ["--pred", str(tmp_path / "pred"), "--gt", str(folder), "--names", str(tmp_path / "no")]
+        )
+    assert e.value.code == 2 and "Expected `--names`" in capsys.readouterr().err

@@ -237,6 +237,7 @@ def evaluate(
     matching: Literal["none", "video", "dataset"] = "none",
     missing: Literal["error", "as-wrong"] = "error",
     max_pred_ids: int = 256,
+    names: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """Score `<pred_dir>/<video_id>/<frame_name>.png` against the labelled shards `gt` names.
 
@@ -250,6 +251,9 @@ def evaluate(
         missing: "error" raises on a missing or wrong-size prediction; "as-wrong" counts every valid
             ground-truth pixel of that frame as wrong (and inconsistent for mVC) and lists the file.
         max_pred_ids: bound on predicted ids under matching.
+        names: predicted id -> class name (a corpus vocabulary's `names.yaml`): each predicted id is
+            scored as the dataset class of that name (the shards' manifest `class_names`, compared
+            without case); an id without a name, or with a name the dataset lacks, counts as wrong.
 
     Returns:
         The metrics of `VideoSegmentationMetrics.compute` (NaN where undefined) plus `missing`, the
@@ -277,6 +281,7 @@ def evaluate(
             f"Expected `--num_classes` to be an int >= 2 (mIoU needs at least two classes), but got "
             f"{num_classes!r} ({origin}). Pass the dataset's number of classes, e.g. `--num_classes 124`."
         )
+    lut = None if names is None else _names_to_classes(names, info.class_names, num_classes)
     metrics = VideoSegmentationMetrics(num_classes, matching, ignore_index, max_pred_ids)
     missed: list[str] = []
     for video in itertools.chain([first] if first is not None else [], videos):
@@ -309,12 +314,47 @@ def evaluate(
                 print(f"warning: {path}: {pred}; counted as wrong", file=sys.stderr)
                 missed.append(rel)
                 continue
-            preds[t] = torch.from_numpy(pred)
+            preds[t] = (
+                torch.from_numpy(pred)
+                if lut is None
+                else lut[torch.from_numpy(pred).long().clamp(max=len(lut) - 1)]
+            )
         labelled = torch.ones(num_frames, dtype=torch.bool)  # meta.labelled decides, as VSPW's mask files
         metrics.update(preds, video.labels, labelled)
     result: dict[str, Any] = metrics.compute()
     result["missing"] = missed
     return result
+
+
+def _names_to_classes(
+    names: dict[int, str], class_names: Sequence[str] | None, num_classes: int
+) -> torch.Tensor:
+    """A lookup table predicted id -> dataset class id by name (`num_classes`, counted wrong, where none).
+
+    Raises:
+        EvaluationError: if the shards record no class names.
+    """
+    if not class_names:
+        raise EvaluationError(
+            "Expected the shards' manifest.json to record `class_names` for `--names`, but it has none. "
+            "Rebuild the shards with `python -m data_tools` (it records them for known datasets), or use "
+            "`--matching dataset` instead."
+        )
+    index = {str(n).strip().lower(): c for c, n in enumerate(class_names)}
+    size = max([*names, 0]) + 2  # the last entry takes every id beyond the named ones
+    lut = torch.full((size,), num_classes, dtype=torch.long)
+    unknown = []
+    for g, name in names.items():
+        c = index.get(name.strip().lower())
+        if c is None:
+            unknown.append(name)
+        else:
+            lut[g] = c
+    if unknown:
+        print(
+            f"warning: names not among the dataset's classes (counted as wrong): {unknown}", file=sys.stderr
+        )
+    return lut
 
 
 def _json_safe(value: Any) -> Any:
@@ -350,6 +390,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="Hungarian matching of predicted ids to classes (for cluster outputs)",
     )
     parser.add_argument("--max_pred_ids", type=int, default=256, help="bound on predicted ids under matching")
+    parser.add_argument(
+        "--names",
+        default=None,
+        help="names.yaml of a corpus vocabulary: score each predicted id as the dataset class of its name",
+    )
     parser.add_argument("--out", default=None, help="write the metrics JSON here too")
     parser.add_argument(
         "--missing",
@@ -359,6 +404,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
+        names = None
+        if args.names is not None:
+            from vss_lightning.vocabulary.sheet import load_names
+
+            try:
+                names = load_names(args.names)
+            except OSError as e:
+                raise EvaluationError(
+                    f"Expected `--names` {args.names!r} to be a readable names.yaml, but reading it failed: "
+                    f"{e.strerror or e}."
+                ) from e
         result = evaluate(
             args.pred,
             args.gt[0] if len(args.gt) == 1 else args.gt,
@@ -367,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.matching,
             args.missing,
             args.max_pred_ids,
+            names,
         )
     except ValueError as e:  # EvaluationError, SampleError and argument errors: a message, no traceback
         parser.exit(2, f"error: {e}\n")

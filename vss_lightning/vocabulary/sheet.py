@@ -198,7 +198,7 @@ document.getElementById("export").addEventListener("click", () => {
 """
 
 
-def load_names(path: Path, num_classes: int) -> dict[int, str]:
+def load_names(path: Path, num_classes: int | None = None) -> dict[int, str]:
     """Read a `names.yaml` (`<id>: <name>` per class; missing classes stay unnamed).
 
     Raises:
@@ -217,10 +217,10 @@ def load_names(path: Path, num_classes: int) -> dict[int, str]:
         )
     names = {}
     for key, value in data.items():
-        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < num_classes:
+        bound = num_classes if num_classes is not None else 1 << 16
+        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < bound:
             raise ValueError(
-                f"Expected the class ids of {str(path)!r} to be integers in [0, {num_classes}), but got "
-                f"{key!r}."
+                f"Expected the class ids of {str(path)!r} to be integers in [0, {bound}), but got {key!r}."
             )
         if not isinstance(value, str) or not value.strip():
             raise ValueError(
