@@ -62,6 +62,11 @@ def test_the_committed_snapshot_is_current(fresh):
         committed = json.loads(cli_schema.SCHEMA_FILE.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         committed = None
+    reason = cli_schema.stale_reason(committed)
+    if reason is not None and reason.startswith("library versions differ"):
+        # Another resolution of the dependencies than the one it was rendered with: the fast path is
+        # off here (the full parser answers, tested below), so there is nothing to compare.
+        pytest.skip(f"snapshot rendered with other library versions ({reason}); `{cli_schema.WRITE_COMMAND}`")
     changed = ", ".join(cli_schema_build.differences(committed, fresh["schema"]))
     assert committed == fresh["schema"], (
         f"{cli_schema.SCHEMA_FILE} is stale ({changed}): run `{cli_schema.WRITE_COMMAND}` and commit it."
