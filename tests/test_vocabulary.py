@@ -382,3 +382,21 @@ def test_evaluate_scores_global_ids_by_their_names_with_no_matching(tmp_path, ca
             ["--pred", str(tmp_path / "pred"), "--gt", str(folder), "--names", str(tmp_path / "no")]
         )
     assert e.value.code == 2 and "Expected `--names`" in capsys.readouterr().err
+
+
+def test_fit_logs_the_naming_sheet_as_a_wandb_table(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from test_wandb import read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+    labels, vocab = tmp_path / "labels", tmp_path / "vocab"
+    _corpus(labels, 10)
+    main(["fit", "--labels", str(labels), "--num_classes", str(CLASSES), "--out", str(vocab),
+          "--wandb_project", "vocab-test"])  # fmt: skip
+    history, _ = read_offline_run(vocab)
+    (row,) = [row for row in history if "vocabulary/classes/_type" in row]
+    assert row["vocabulary/classes/_type"] == "table-file"
+    assert (row["vocabulary/classes/nrows"], row["vocabulary/classes/ncols"]) == (CLASSES, 6)

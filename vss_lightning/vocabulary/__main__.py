@@ -20,6 +20,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     fit.add_argument(
         "--shards", nargs="+", default=None, help="the corpus's input shards: real frames on the naming sheet"
     )
+    fit.add_argument(
+        "--wandb_project", default=None, help="also log the naming sheet as a W&B table to this project"
+    )
     fit.add_argument("--seed", type=int, default=0, help="seed of the sample and the k-means++ draws")
     fit.add_argument("--passes", type=int, default=10, help="most Lloyd passes over the whole corpus")
     fit.add_argument("--sample_size", type=int, default=200_000, help="prototypes the initialisation uses")
@@ -32,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "fit":
             record = fit_vocabulary(
                 args.labels, args.num_classes, args.out, seed=args.seed, passes=args.passes,
-                sample_size=args.sample_size, shards=args.shards,
+                sample_size=args.sample_size, shards=args.shards, wandb_project=args.wandb_project,
             )  # fmt: skip
             print(json.dumps({k: v for k, v in record.items() if k != "classes"}, indent=2))
         else:

@@ -26,7 +26,7 @@ from vss_lightning.io.files import atomic_write, json_bytes
 from . import kmeans
 from .corpus import Corpus, FrameSource
 from .prototypes import PrototypeError
-from .sheet import write_sheets
+from .sheet import log_to_wandb, write_sheets
 
 VOCABULARY = "vocabulary.safetensors"
 VOCABULARY_JSON = "vocabulary.json"
@@ -48,6 +48,7 @@ def fit_vocabulary(
     frame_source: FrameSource | None = None,
     examples_per_class: int = 8,
     shards: str | list[str] | None = None,
+    wandb_project: str | None = None,
 ) -> dict:
     """Fit and write a vocabulary and its naming sheet; returns the contents of vocabulary.json.
 
@@ -62,6 +63,7 @@ def fit_vocabulary(
         examples_per_class: typical examples on each class's contact sheet.
         shards: the corpus's input shards, read once for the naming sheet's frames (when no
             `frame_source` is given).
+        wandb_project: also log the naming sheet as a W&B table to this project (`sheet.log_to_wandb`).
     """
     if num_classes < 1:
         raise ValueError(f"Expected `--num_classes` to be a positive integer, but got {num_classes}.")
@@ -117,6 +119,8 @@ def fit_vocabulary(
     }
     atomic_write(out / VOCABULARY_JSON, json_bytes(record))
     write_sheets(out, corpus, centroids, classes, frame_source, examples_per_class, shards)
+    if wandb_project:
+        log_to_wandb(out, classes, wandb_project)
     return record
 
 

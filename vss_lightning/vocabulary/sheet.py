@@ -228,3 +228,26 @@ def load_names(path: Path, num_classes: int | None = None) -> dict[int, str]:
             )
         names[key] = value.strip()
     return names
+
+
+def log_to_wandb(vocab: Path, classes: list[dict], project: str, names: dict[int, str] | None = None) -> None:
+    """Log the naming sheet as a W&B table `vocabulary/classes` (class, name, size, examples image).
+
+    The run lives in `vocab/wandb/`; `WANDB_MODE=offline` keeps it local (sync it later with
+    `wandb sync`). Requires the `wandb` package (a dependency of this project).
+    """
+    import wandb
+
+    vocab = Path(vocab)
+    names = names or {}
+    run = wandb.init(project=project, dir=str(vocab), job_type="vocabulary", reinit="finish_previous")
+    try:
+        table = wandb.Table(columns=["class", "name", "cells", "videos", "mean_share", "examples"])
+        for c in classes:
+            g = int(c["id"])
+            sheet = wandb.Image(str(vocab / SHEETS / f"class_{g:03d}.png"))
+            table.add_data(g, names.get(g, ""), c["cells"], c["videos"], c["mean_share"], sheet)
+        run.log({"vocabulary/classes": table})
+        run.summary["vocabulary/num_classes"] = len(classes)
+    finally:
+        run.finish()
