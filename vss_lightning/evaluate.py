@@ -17,6 +17,9 @@ The JSON result (printed, and written to `--out` if given) has `mIoU`, `pixel_ac
 `per_class_iou` (null for classes absent from the ground truth), `frames`, `videos` (with a labelled
 frame) and `missing` (predictions counted as wrong under `--missing as-wrong`); undefined values are
 null.
+
+Length: over 400 lines with its command line, the reading of predictions and the checks of every
+input a user gives (each error names the file and the fix); the metrics themselves are in `metrics/`.
 """
 
 from __future__ import annotations

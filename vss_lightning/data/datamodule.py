@@ -44,6 +44,9 @@ truncation point are delivered, the ones after it are lost, and the `FailedSampl
 When the shard's folder holds the `manifest.json` of data_tools, a shard that yields fewer samples
 than the manifest lists (e.g. cut exactly at a member boundary, which tar itself cannot detect) is
 reported the same way.
+
+Length: just over 400 lines, most of them the error messages of damaged shards and the arguments'
+documentation (they are the `--data.*` keys users read in `--help`).
 """
 
 from __future__ import annotations

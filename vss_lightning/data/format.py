@@ -20,6 +20,9 @@ the metadata before anything is decoded. `data.reader` checks member sizes from 
 (`field_byte_limit`) before it reads them.
 
 Label maps use 255 as the ignore index in every dataset.
+
+Length: over 400 lines because the schema is one concept that writer and reader must agree on: the
+metadata record, the encoders and the bounded decoders live together so they cannot drift apart.
 """
 
 from __future__ import annotations
