@@ -400,3 +400,30 @@ def test_fit_logs_the_naming_sheet_as_a_wandb_table(tmp_path, monkeypatch):
     (row,) = [row for row in history if "vocabulary/classes/_type" in row]
     assert row["vocabulary/classes/_type"] == "table-file"
     assert (row["vocabulary/classes/nrows"], row["vocabulary/classes/ncols"]) == (CLASSES, 6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_label_shards_give_the_same_vocabulary_and_global_labels_as_png_folders(tmp_path):
+    """fit and apply read `--output_format shards` outputs (prototypes in the last clip's sample)."""
+    from shards import CLIP_FRAMES, make_shards, predict_args
+
+    from vss_lightning.cli import main as cli_main
+    from vss_lightning.vocabulary.fit import vocabulary_hash
+
+    make_shards(tmp_path / "shards", [[("a", 5), ("b", 3), ("c", 2)]], clip_frames=CLIP_FRAMES)
+    shards = str(tmp_path / "shards" / "*.tar")
+    png, tars = tmp_path / "png", tmp_path / "tars"
+    cli_main(predict_args(shards, png))
+    cli_main(predict_args(shards, tars, "--output_format", "shards"))
+    assert list(tars.glob("labels-rank*.tar")) and not list(tars.glob("*/DONE"))
+    for out in (png, tars):
+        main(["fit", "--labels", str(out), "--num_classes", "3", "--out", str(out) + "-vocab"])
+        main(["apply", "--labels", str(out), "--vocab", str(out) + "-vocab", "--out", str(out) + "-global"])
+    assert vocabulary_hash(tmp_path / "png-vocab") == vocabulary_hash(tmp_path / "tars-vocab")
+    from_png, from_tars = label_files_of(tmp_path / "png-global"), label_files_of(tmp_path / "tars-global")
+    assert from_png == from_tars and len(from_png) == 10
+    assert (tmp_path / "tars-vocab" / "sheets" / "class_000.png").is_file()
+
+
+def label_files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("*/*.png"))}

@@ -14,7 +14,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vss_lightning.vocabulary", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="cluster the prototypes of labelled output folders into global classes")
-    fit.add_argument("--labels", nargs="+", required=True, help="output folders of `predict` (png format)")
+    fit.add_argument(
+        "--labels", nargs="+", required=True, help="output folders of `predict` (png or label shards)"
+    )
     fit.add_argument("--num_classes", type=int, required=True, help="G, the number of global classes")
     fit.add_argument("--out", required=True, help="vocabulary folder to write")
     fit.add_argument(
@@ -27,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     fit.add_argument("--passes", type=int, default=10, help="most Lloyd passes over the whole corpus")
     fit.add_argument("--sample_size", type=int, default=200_000, help="prototypes the initialisation uses")
     apply = sub.add_parser("apply", help="rewrite a labelled output folder in global class ids")
-    apply.add_argument("--labels", required=True, help="output folder of `predict` (png format)")
+    apply.add_argument("--labels", required=True, help="output folder of `predict` (png or label shards)")
     apply.add_argument("--vocab", required=True, help="vocabulary folder made by `fit`")
     apply.add_argument("--out", required=True, help="new output folder for the global-id labels")
     args = parser.parse_args(argv)

@@ -2,18 +2,18 @@
 
     python -m vss_lightning.vocabulary apply --labels OUT --vocab VOCAB --out OUT2
 
-Every finished video of OUT (png format) maps each local label to the global class whose centroid
-is nearest to the label's prototype (cosine; several local labels may map to one class), and its
-label PNGs are rewritten under OUT2/<video>/ with the same frame names. Exactly once and resumable
-like `predict`: every file is written to a temporary name and renamed, and OUT2/<video>/DONE (the
-source's DONE record plus the vocabulary's hash and the local -> global map) is written last, so a
-killed run leaves no half video that a rerun would skip; a rerun skips the videos whose DONE names
-this vocabulary and the same source labels.
+Every finished video of OUT (png folders or label shards, see `corpus`) maps each local label to the
+global class whose centroid is nearest to the label's prototype (cosine; several local labels may map
+to one class), and its label PNGs are written under OUT2/<video>/ with the same frame names. Exactly
+once and resumable like `predict`: every file is written to a temporary name and renamed, and
+OUT2/<video>/DONE (the video's frame names and settings hash, the vocabulary's hash, the digest of
+the source's completion record and the local -> global map) is written last, so a killed run leaves
+no half video that a rerun would skip; a rerun skips the videos whose DONE names this vocabulary and
+the same source labels.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -21,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from vss_lightning.data.format import encode_png
+from vss_lightning.data.format import encode_png, validate_name
 from vss_lightning.io.files import atomic_write, json_bytes
+from vss_lightning.io.png_store import check_video_id
 
 from . import kmeans
-from .corpus import DONE, video_folders
+from .corpus import DONE, find_videos, record_digest
 from .fit import load_vocabulary, vocabulary_hash
-from .prototypes import PROTOTYPES, PrototypeError, VideoPrototypes, load_prototypes
+from .prototypes import PrototypeError, VideoPrototypes
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ class ApplySummary:
     skipped: list[str] = field(default_factory=list)
 
 
-def _source_digest(done: bytes) -> str:
-    return hashlib.sha256(done).hexdigest()[:16]
-
-
 def apply_vocabulary(labels: Path, vocab: Path, out: Path) -> ApplySummary:
     """Map every finished video of `labels` to global ids under `out` (see the module docstring)."""
     labels, out = Path(labels), Path(out)
@@ -73,26 +69,23 @@ def apply_vocabulary(labels: Path, vocab: Path, out: Path) -> ApplySummary:
     dtype = np.uint8 if num_classes <= 256 else np.uint16
     out.mkdir(parents=True, exist_ok=True)
     summary = ApplySummary()
-    for vdir in video_folders([labels]):
-        vid = vdir.name
-        source_done = (vdir / DONE).read_bytes()
-        record = json.loads(source_done)
-        if meta.get("settings_hash") and record.get("settings_hash") != meta["settings_hash"]:
+    for video in find_videos([labels]):
+        vid = video.video_id
+        digest = record_digest(video)
+        if meta.get("settings_hash") and video.settings_hash() != meta["settings_hash"]:
             raise PrototypeError(
-                f"Expected video {vid!r} ({str(vdir)!r}) to come from the settings the vocabulary was fitted "
-                f"on ({meta['settings_hash']}), but its DONE records {record.get('settings_hash')!r}. Fit a "
-                "vocabulary on this corpus, or apply this one to labels of its own settings."
+                f"Expected {video.where} to come from the settings the vocabulary was fitted on "
+                f"({meta['settings_hash']}), but it records {video.settings_hash()!r}. Fit a vocabulary on "
+                "this corpus, or apply this one to labels of its own settings."
             )
-        target = out / vid
+        target = out / check_video_id(vid)
         done_path = target / DONE
         if done_path.is_file():
             previous = json.loads(done_path.read_bytes())
-            if previous.get("vocabulary_hash") == vhash and previous.get("source_done") == _source_digest(
-                source_done
-            ):
+            if previous.get("vocabulary_hash") == vhash and previous.get("source_done") == digest:
                 summary.skipped.append(vid)
                 continue
-        mapping = global_map(load_prototypes(vdir / PROTOTYPES), centroids)
+        mapping = global_map(video.prototypes(), centroids)
         lut = np.zeros(max([*mapping, 0]) + 1, dtype=np.int64)
         for local, g in mapping.items():
             lut[local] = g
@@ -100,22 +93,24 @@ def apply_vocabulary(labels: Path, vocab: Path, out: Path) -> ApplySummary:
         done_path.unlink(missing_ok=True)
         for stale in target.glob(".*.tmp"):  # left by a killed run: only this run writes here
             stale.unlink(missing_ok=True)
-        for name in record.get("frame_names") or []:
-            src = vdir / f"{name}.png"
-            with Image.open(src) as im:
-                arr = np.asarray(im)
+        names = video.frame_names()
+        for name in names:
+            validate_name(name, f"frame name of video {vid!r}")
+            arr = video.label(name)
             unknown = np.setdiff1d(np.unique(arr), np.asarray(list(mapping), dtype=arr.dtype))
             if unknown.size:
                 raise PrototypeError(
-                    f"Expected every label of {str(src)!r} to have a prototype, but {unknown.tolist()} have "
-                    f"none in {str(vdir / PROTOTYPES)!r}. Relabel the video (delete its DONE and rerun "
-                    "`predict`)."
+                    f"Expected every label of frame {name!r} of {video.where} to have a prototype, but "
+                    f"{unknown.tolist()} have none. Relabel the video (delete its DONE and rerun `predict`)."
                 )
             atomic_write(target / f"{name}.png", encode_png(lut[arr].astype(dtype)))
         done = {
-            **record,
+            "video_id": vid,
+            "frame_names": names,
+            "frames": len(names),
+            "settings_hash": video.settings_hash(),
             "vocabulary_hash": vhash,
-            "source_done": _source_digest(source_done),
+            "source_done": digest,
             "global_ids": {str(k): v for k, v in mapping.items()},
             "label_mode": "vocabulary",
         }

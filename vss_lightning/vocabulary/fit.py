@@ -2,9 +2,9 @@
 
     python -m vss_lightning.vocabulary fit --labels OUT [OUT ...] --num_classes G --out VOCAB
 
-Reads every finished video's `prototypes.safetensors` under the output folders (streaming: memory is
-the initialisation sample plus G centroids, whatever the corpus size), clusters them with weighted
-cosine K-Means (weights: cell counts), and writes
+Reads every finished video's prototypes under the output folders (png or label shards, see `corpus`;
+streaming: memory is the initialisation sample plus G centroids, whatever the corpus size), clusters
+them with weighted cosine K-Means (weights: cell counts), and writes
     VOCAB/vocabulary.safetensors  centroids (G, C) float32; metadata: settings hash, seed, counts
     VOCAB/vocabulary.json         per global class: cells, videos, mean share of a video's pixels
     VOCAB/sheets/, VOCAB/index.html  the naming sheet (see `sheet`)
@@ -15,6 +15,7 @@ backbones are not comparable): a mismatch is an error naming both.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -33,8 +34,12 @@ VOCABULARY_JSON = "vocabulary.json"
 
 
 def vocabulary_hash(folder: Path) -> str:
-    """The identity of a vocabulary: a hash of its centroid file's bytes."""
-    return hashlib.sha256((Path(folder) / VOCABULARY).read_bytes()).hexdigest()[:16]
+    """The identity of a vocabulary: a hash of its centroids and metadata (not of the file's bytes:
+    safetensors may order its header differently from one write to the next)."""
+    centroids, meta = load_vocabulary(folder)
+    digest = hashlib.sha256(centroids.contiguous().numpy().tobytes())
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
 
 
 def fit_vocabulary(
@@ -53,7 +58,7 @@ def fit_vocabulary(
     """Fit and write a vocabulary and its naming sheet; returns the contents of vocabulary.json.
 
     Args:
-        labels: output folders of `predict` (png format) whose videos hold prototypes.
+        labels: output folders of `predict` (png or label shards) whose videos hold prototypes.
         num_classes: G, the number of global classes.
         out: the vocabulary folder (created).
         seed: seed of the initialisation sample and the k-means++ draws.

@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import heapq
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 from vss_lightning.data.format import encode_png
 from vss_lightning.viz import distinct_palette, overlay, resize_max
 
 from . import kmeans
-from .corpus import Corpus, FrameSource
+from .corpus import Corpus, FrameSource, Video
 
 SHEETS = "sheets"
 INDEX_HTML = "index.html"
@@ -45,21 +43,21 @@ class Example:
     video_id: str = field(compare=False)
     label: int = field(compare=False)
     frame: int = field(compare=False)
-    folder: Path = field(compare=False)
+    video: Video = field(compare=False)
 
 
 def typical_examples(corpus: Corpus, centroids: torch.Tensor, per_class: int) -> list[list[Example]]:
     """The `per_class` examples of each class with the highest cosine (streaming: G x n kept)."""
     heaps: list[list[Example]] = [[] for _ in range(centroids.shape[0])]
     unit = kmeans.normalize(centroids.double())
-    for path, p in zip(corpus.files, corpus.videos(), strict=True):
+    for video, p in zip(corpus.files, corpus.videos(), strict=True):
         if not p.labels.numel():
             continue
         index, cos = kmeans.assign(kmeans.normalize(p.features.double()), unit)
         for i, (g, c) in enumerate(zip(index.tolist(), cos.tolist(), strict=True)):
             present = p.frames[i].nonzero().flatten().tolist()
             frame = present[len(present) // 2] if present else 0  # the middle of its appearances
-            ex = Example(c, p.video_id, int(p.labels[i]), frame, path.parent)
+            ex = Example(c, p.video_id, int(p.labels[i]), frame, video)
             if len(heaps[g]) < per_class:
                 heapq.heappush(heaps[g], ex)
             else:
@@ -68,8 +66,7 @@ def typical_examples(corpus: Corpus, centroids: torch.Tensor, per_class: int) ->
 
 
 def _frame_name(ex: Example) -> str:
-    done = json.loads((ex.folder / "DONE").read_text())
-    return (done.get("frame_names") or [])[ex.frame]
+    return ex.video.frame_names()[ex.frame]
 
 
 def shard_frames(shards: str | list[str], wanted: set[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:
@@ -100,8 +97,7 @@ def shard_frames(shards: str | list[str], wanted: set[tuple[str, str]]) -> dict[
 
 def _example_image(ex: Example, colour: np.ndarray, frame_source: FrameSource | None) -> np.ndarray:
     name = _frame_name(ex)
-    with Image.open(ex.folder / f"{name}.png") as im:
-        labels = np.asarray(im)
+    labels = ex.video.label(name)
     mask = (labels == ex.label).astype(np.uint8)
     frame = frame_source(ex.video_id, name) if frame_source is not None else None
     if frame is None or frame.shape[:2] != mask.shape:
