@@ -427,3 +427,38 @@ def test_label_shards_give_the_same_vocabulary_and_global_labels_as_png_folders(
 
 def label_files_of(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("*/*.png"))}
+
+
+@pytest.mark.slow
+def test_the_naming_page_exports_names_yaml_in_a_real_browser(tmp_path):
+    """The page's own `namesYaml()` (what "Export names.yaml" downloads) run by headless Chromium on
+    names typed into its fields; the result is read back by `load_names`. (The download itself, a
+    Blob link click, is not driven here.) Needs Chromium (Debian: `apt-get install chromium`)."""
+    import html as html_lib
+    import re
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium)")
+    labels, vocab = tmp_path / "labels", tmp_path / "vocab"
+    _corpus(labels, 10)
+    fit_vocabulary([labels], CLASSES, vocab)
+    typed = {0: "road", 3: 'sky "blue"', 7: "  car  "}
+    fill = "".join(
+        f"document.querySelector('input.name[data-id=\"{g}\"]').value = {json.dumps(name)};"
+        for g, name in typed.items()
+    )
+    page = (vocab / "index.html").read_text()
+    probe = page.replace(
+        "</body>", f"<script>{fill} document.body.dataset.yaml = namesYaml();</script></body>"
+    )
+    (vocab / "probe.html").write_text(probe)
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"]
+    dom = subprocess.run(
+        [*command, (vocab / "probe.html").as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    exported = html_lib.unescape(re.search(r'data-yaml="([^"]*)"', dom).group(1))
+    (vocab / "names.yaml").write_text(exported)
+    assert load_names(vocab / "names.yaml", CLASSES) == {0: "road", 3: 'sky "blue"', 7: "car"}
