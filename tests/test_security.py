@@ -118,6 +118,16 @@ def write_tar(path: Path, members: list[tuple[str, bytes | int]]) -> Path:
     return path
 
 
+def write_tar_gz(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A gzip-compressed tar with the given members (`tarfile` opens it transparently)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def tar_members(sample: dict) -> list[tuple[str, bytes]]:
     return [(f"{sample['__key__']}.{k}", v) for k, v in sample.items() if not k.startswith("__")]
 
@@ -223,12 +233,8 @@ def test_a_1gb_meta_json_is_never_read(tmp_path: Path) -> None:
 
 def test_compressed_shard_cannot_expand_a_member_into_memory(tmp_path: Path) -> None:
     """`tarfile` opens .tar.gz transparently: a 64 KiB file holding a 64 MiB `meta.json`."""
-    path = tmp_path / "x-000000.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in [("big.meta.json", b" " * (64 << 20)), *tar_members(clip_sample("ok", ["f0"]))]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    members = [("big.meta.json", b" " * (64 << 20)), *tar_members(clip_sample("ok", ["f0"]))]
+    path = write_tar_gz(tmp_path / "x-000000.tar.gz", members)
     assert path.stat().st_size < 1 << 20
     with _Cost() as cost:
         got = read_all(str(path))
@@ -576,13 +582,8 @@ def test_a_gzip_bomb_member_stops_its_shard_before_it_fills_memory(tmp_path: Pat
 
     monkeypatch.setattr(reader, "COMPRESSION_GRACE_BYTES", 4 << 20)
     monkeypatch.setattr(reader, "READ_CHUNK_BYTES", 1 << 20)
-    path = tmp_path / "x-000000.tar.gz"
     members = [*tar_members(clip_sample("ok", ["f0"])), ("bomb.00000.jpg", bytes(128 << 20))]
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    path = write_tar_gz(tmp_path / "x-000000.tar.gz", members)
     assert path.stat().st_size < 1 << 20
     with _Cost() as cost:
         got = read_all(str(path))
@@ -602,11 +603,6 @@ def test_incompressible_members_of_a_gzipped_shard_pass_the_compression_ratio(
     monkeypatch.setattr(reader, "COMPRESSION_GRACE_BYTES", 1 << 20)
     monkeypatch.setattr(reader, "READ_CHUNK_BYTES", 1 << 20)
     data = np.random.default_rng(0).integers(0, 256, 6 << 20, dtype=np.uint8).tobytes()
-    path = tmp_path / "x-000000.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for name, member in [("v.meta.json", b"{}"), ("v.00000.jpg", data)]:
-            info = tarfile.TarInfo(name)
-            info.size = len(member)
-            tar.addfile(info, io.BytesIO(member))
+    path = write_tar_gz(tmp_path / "x-000000.tar.gz", [("v.meta.json", b"{}"), ("v.00000.jpg", data)])
     (sample,) = list(reader.read_shard(str(path)))
     assert sample["00000.jpg"] == data

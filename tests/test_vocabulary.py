@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from shards import one_thread  # noqa: F401
 from sklearn.metrics import adjusted_rand_score
+from test_wandb import wandb_offline  # noqa: F401
 
 from vss_lightning.data.format import encode_png
 from vss_lightning.pipeline.prototypes import PrototypeAccumulator
@@ -384,14 +385,10 @@ def test_evaluate_scores_global_ids_by_their_names_with_no_matching(tmp_path, ca
     assert e.value.code == 2 and "Expected `--names`" in capsys.readouterr().err
 
 
-def test_fit_logs_the_naming_sheet_as_a_wandb_table(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+@pytest.mark.usefixtures("wandb_offline")
+def test_fit_logs_the_naming_sheet_as_a_wandb_table(tmp_path):
     from test_wandb import read_offline_run
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
     labels, vocab = tmp_path / "labels", tmp_path / "vocab"
     _corpus(labels, 10)
     main(["fit", "--labels", str(labels), "--num_classes", str(CLASSES), "--out", str(vocab),
@@ -405,7 +402,7 @@ def test_fit_logs_the_naming_sheet_as_a_wandb_table(tmp_path, monkeypatch):
 @pytest.mark.usefixtures("one_thread")
 def test_label_shards_give_the_same_vocabulary_and_global_labels_as_png_folders(tmp_path):
     """fit and apply read `--output_format shards` outputs (prototypes in the last clip's sample)."""
-    from shards import CLIP_FRAMES, make_shards, predict_args
+    from shards import CLIP_FRAMES, label_files, make_shards, predict_args
 
     from vss_lightning.cli import main as cli_main
     from vss_lightning.vocabulary.fit import vocabulary_hash
@@ -420,13 +417,9 @@ def test_label_shards_give_the_same_vocabulary_and_global_labels_as_png_folders(
         main(["fit", "--labels", str(out), "--num_classes", "3", "--out", str(out) + "-vocab"])
         main(["apply", "--labels", str(out), "--vocab", str(out) + "-vocab", "--out", str(out) + "-global"])
     assert vocabulary_hash(tmp_path / "png-vocab") == vocabulary_hash(tmp_path / "tars-vocab")
-    from_png, from_tars = label_files_of(tmp_path / "png-global"), label_files_of(tmp_path / "tars-global")
+    from_png, from_tars = label_files(tmp_path / "png-global"), label_files(tmp_path / "tars-global")
     assert from_png == from_tars and len(from_png) == 10
     assert (tmp_path / "tars-vocab" / "sheets" / "class_000.png").is_file()
-
-
-def label_files_of(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("*/*.png"))}
 
 
 @pytest.mark.slow

@@ -116,6 +116,7 @@ class ZeroShotVSS(L.LightningModule):
         self._eval_parts: ClipAssembler[tuple[torch.Tensor, torch.Tensor]] = ClipAssembler()
         self._is_complete: Callable[[VideoMeta], bool] | None = None
         self._hash: str | None = None
+        self._vocabulary: tuple[torch.Tensor, dict[str, str]] | None = None  # `vocabulary`, loaded
 
     def add_frame_listener(self, listener: FrameListener) -> None:
         """Call `listener(video_id, frames_done, frames_total)` whenever a batch of a video's frames is
@@ -151,9 +152,8 @@ class ZeroShotVSS(L.LightningModule):
         if self.vocabulary is None or self.videos.relabel is not None:
             return
         from vss_lightning.vocabulary.apply import global_map
-        from vss_lightning.vocabulary.fit import load_vocabulary
 
-        centroids, meta = load_vocabulary(self.vocabulary)
+        centroids, meta = self._loaded_vocabulary()
         fitted_on, ours = meta.get("settings_hash", ""), self._local_settings_hash()
         if fitted_on and fitted_on != ours:
             raise ValueError(
@@ -162,6 +162,14 @@ class ZeroShotVSS(L.LightningModule):
                 "with these settings, or run with the settings it was fitted on."
             )
         self.videos.relabel = lambda prototypes: global_map(prototypes, centroids)
+
+    def _loaded_vocabulary(self) -> tuple[torch.Tensor, dict[str, str]]:
+        """The vocabulary's centroids and metadata, read once (the hash and the labelling share them)."""
+        if self._vocabulary is None:
+            from vss_lightning.vocabulary.fit import load_vocabulary
+
+            self._vocabulary = load_vocabulary(self.vocabulary)
+        return self._vocabulary
 
     def _eval_num_classes(self, stage: str) -> int:
         """C for the metrics: `num_classes` as given, else the datamodule's manifest (`dataset_info`).
@@ -201,9 +209,10 @@ class ZeroShotVSS(L.LightningModule):
             if self.vocabulary is None:
                 self._hash = self._local_settings_hash()
             else:  # global ids: the vocabulary is part of what the labels are
-                from vss_lightning.vocabulary.fit import vocabulary_hash
+                from vss_lightning.vocabulary.fit import vocabulary_identity
 
-                text = json.dumps([self._local_settings_hash(), vocabulary_hash(self.vocabulary)])
+                identity = vocabulary_identity(*self._loaded_vocabulary())
+                text = json.dumps([self._local_settings_hash(), identity])
                 self._hash = hashlib.sha256(text.encode()).hexdigest()[:16]
         return self._hash
 

@@ -16,6 +16,7 @@ Serialised layout (safetensors: loading runs no code):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -126,29 +127,27 @@ class PrototypeAccumulator:
         present = (coarse.flatten(1)[:, None, :] == uniq[None, :, None]).any(2)  # (n, L)
         sums, cells, present = sums.double().cpu(), cells.cpu().tolist(), present.cpu()
         for j, label in enumerate(uniq.tolist()):
-            self._sums[label] = self._sums[label] + sums[j] if label in self._sums else sums[j]
-            self._cells[label] = self._cells.get(label, 0) + int(cells[j])
-            self._frames.setdefault(label, set()).update(
-                frame_indices[i] for i in present[:, j].nonzero().flatten().tolist()
-            )
+            frames = (frame_indices[i] for i in present[:, j].nonzero().flatten().tolist())
+            self._add(label, sums[j], int(cells[j]), frames)
         self._last_frame = max(self._last_frame, *frame_indices)
+
+    def _add(self, label: int, total: torch.Tensor, cells: int, frames: Iterable[int]) -> None:
+        """Add one label's feature sum, cell count and frames."""
+        self._sums[label] = self._sums[label] + total if label in self._sums else total.clone()
+        self._cells[label] = self._cells.get(label, 0) + cells
+        self._frames.setdefault(label, set()).update(frames)
 
     def merge(self, other: PrototypeAccumulator) -> None:
         """Add everything `other` accumulated (e.g. a clip's sums into its video's)."""
         for label, total in other._sums.items():
-            self._sums[label] = self._sums[label] + total if label in self._sums else total.clone()
-            self._cells[label] = self._cells.get(label, 0) + other._cells[label]
-            self._frames.setdefault(label, set()).update(other._frames[label])
+            self._add(label, total, other._cells[label], other._frames[label])
         self._last_frame = max(self._last_frame, other._last_frame)
 
     def remapped(self, mapping: dict[int, int]) -> PrototypeAccumulator:
         """The sums with each label replaced by `mapping[label]` (labels mapped to one id add up)."""
         out = PrototypeAccumulator(self.num_frames)
         for label, total in self._sums.items():
-            new = mapping[label]
-            out._sums[new] = out._sums[new] + total if new in out._sums else total.clone()
-            out._cells[new] = out._cells.get(new, 0) + self._cells[label]
-            out._frames.setdefault(new, set()).update(self._frames[label])
+            out._add(mapping[label], total, self._cells[label], self._frames[label])
         out._last_frame = self._last_frame
         return out
 

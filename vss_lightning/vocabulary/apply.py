@@ -28,7 +28,7 @@ from vss_lightning.io.png_store import check_video_id
 
 from . import kmeans
 from .corpus import DONE, find_videos, record_digest
-from .fit import load_vocabulary, vocabulary_hash
+from .fit import load_vocabulary, vocabulary_identity
 from .prototypes import PrototypeError, VideoPrototypes
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def apply_vocabulary(labels: Path, vocab: Path, out: Path) -> ApplySummary:
             f"Expected `--out` to differ from `--labels` ({str(out)!r}): apply never rewrites its input."
         )
     centroids, meta = load_vocabulary(vocab)
-    vhash = vocabulary_hash(vocab)
+    vhash = vocabulary_identity(centroids, meta)
     num_classes = centroids.shape[0]
     dtype = np.uint8 if num_classes <= 256 else np.uint16
     out.mkdir(parents=True, exist_ok=True)

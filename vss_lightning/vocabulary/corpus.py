@@ -15,6 +15,7 @@ feature size for the whole corpus); `videos()` and `chunks()` stream them, never
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -56,15 +57,19 @@ class PngVideo:
     def where(self) -> str:
         return repr(str(self.folder / PROTOTYPES))
 
-    def record(self) -> bytes:
-        """The video's DONE record (its identity: a rewritten video has another one)."""
+    @functools.cached_property
+    def _done(self) -> bytes:
         return (self.folder / DONE).read_bytes()
 
+    def record(self) -> bytes:
+        """The video's DONE record (its identity: a rewritten video has another one), read once."""
+        return self._done
+
     def frame_names(self) -> list[str]:
-        return list(json.loads(self.record()).get("frame_names") or [])
+        return list(json.loads(self._done).get("frame_names") or [])
 
     def settings_hash(self) -> str:
-        return str(json.loads(self.record()).get("settings_hash", ""))
+        return str(json.loads(self._done).get("settings_hash", ""))
 
     def header(self) -> tuple[dict[str, str], int]:
         """The prototypes' metadata and feature size, from the file's header."""

@@ -33,13 +33,17 @@ VOCABULARY = "vocabulary.safetensors"
 VOCABULARY_JSON = "vocabulary.json"
 
 
-def vocabulary_hash(folder: Path) -> str:
-    """The identity of a vocabulary: a hash of its centroids and metadata (not of the file's bytes:
-    safetensors may order its header differently from one write to the next)."""
-    centroids, meta = load_vocabulary(folder)
+def vocabulary_identity(centroids: torch.Tensor, meta: dict[str, str]) -> str:
+    """The identity of a loaded vocabulary: a hash of its centroids and metadata (not of the file's
+    bytes: safetensors may order its header differently from one write to the next)."""
     digest = hashlib.sha256(centroids.contiguous().numpy().tobytes())
     digest.update(json.dumps(meta, sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def vocabulary_hash(folder: Path) -> str:
+    """`vocabulary_identity` of the vocabulary in `folder`."""
+    return vocabulary_identity(*load_vocabulary(folder))
 
 
 def fit_vocabulary(
