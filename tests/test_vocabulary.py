@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -415,7 +416,8 @@ def test_label_shards_give_the_same_vocabulary_and_global_labels_as_png_folders(
     assert list(tars.glob("labels-rank*.tar")) and not list(tars.glob("*/DONE"))
     for out in (png, tars):
         main(["fit", "--labels", str(out), "--num_classes", "3", "--out", str(out) + "-vocab"])
-        main(["apply", "--labels", str(out), "--vocab", str(out) + "-vocab", "--out", str(out) + "-global"])
+        main(["apply", "--labels", str(out), "--vocab", str(out) + "-vocab", "--out", str(out) + "-global",
+              "--output_format", "png"])  # fmt: skip
     assert vocabulary_hash(tmp_path / "png-vocab") == vocabulary_hash(tmp_path / "tars-vocab")
     from_png, from_tars = label_files(tmp_path / "png-global"), label_files(tmp_path / "tars-global")
     assert from_png == from_tars and len(from_png) == 10
@@ -455,3 +457,191 @@ def test_the_naming_page_exports_names_yaml_in_a_real_browser(tmp_path):
     exported = html_lib.unescape(re.search(r'data-yaml="([^"]*)"', dom).group(1))
     (vocab / "names.yaml").write_text(exported)
     assert load_names(vocab / "names.yaml", CLASSES) == {0: "road", 3: 'sky "blue"', 7: "car"}
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_remapped_prototypes_pool_the_stored_means_by_their_cells():
+    from vss_lightning.vocabulary.apply import remap_prototypes
+
+    proto, _ = _video("v", _classes(), np.random.default_rng(3), frames=4)
+    proto.frames = torch.from_numpy(np.random.default_rng(4).integers(0, 2, tuple(proto.frames.shape))).to(
+        torch.uint8
+    )
+    local = proto.labels.tolist()
+    mapping = {la: (7 if i % 2 else 2) for i, la in enumerate(local)}
+    pooled = remap_prototypes(proto, mapping)
+    assert pooled.labels.tolist() == sorted(set(mapping.values())) and pooled.video_id == "v"
+    for i, g in enumerate(pooled.labels.tolist()):
+        members = torch.tensor([mapping[la] == g for la in local])
+        w = proto.cells[members].double()
+        want = (proto.features[members].double() * w[:, None]).sum(0) / w.sum()
+        torch.testing.assert_close(pooled.features[i], want.float())
+        assert int(pooled.cells[i]) == int(w.sum())
+        assert pooled.frames[i].tolist() == proto.frames[members].amax(0).tolist()
+    with pytest.raises(PrototypeError, match=r"have none"):
+        remap_prototypes(proto, {local[0]: 1})
+
+
+def test_apply_writes_label_shards_once_and_a_killed_run_resumes_byte_identically(tmp_path, monkeypatch):
+    """`--output_format shards`: predict's tar layout (one tar per 3 videos here), the png path's global
+    labels and prototypes byte for byte; a rerun skips, a kill or an error resumes to the same bytes."""
+    from vss_lightning.vocabulary import apply as apply_module
+    from vss_lightning.vocabulary.corpus import shard_videos
+
+    labels, vocab, png, tars = tmp_path / "labels", tmp_path / "vocab", tmp_path / "png", tmp_path / "tars"
+    _corpus(labels, 10)
+    fit_vocabulary([labels], CLASSES, vocab)
+    assert apply_vocabulary(labels, vocab, png).output_format == "png"  # the source's format
+    first = apply_vocabulary(labels, vocab, tars, "shards", videos_per_shard=3)
+    assert first.output_format == "shards" and first.written == [f"v{i:03d}" for i in range(10)]
+    reference = _tree(tars)
+    assert sorted(reference) == [
+        f"labels-rank000-{i:06d}.{e}" for i in range(4) for e in ("index.json", "tar")
+    ]
+    videos = list(shard_videos(tars))
+    assert sorted(v.video_id for v in videos) == first.written  # each video once
+    for v in videos:
+        done = json.loads((png / v.video_id / "DONE").read_text())
+        assert v.frame_names() == done["frame_names"] and len(v.records) == 1
+        for name in v.frame_names():
+            want = np.asarray(Image.open(png / v.video_id / f"{name}.png"))
+            np.testing.assert_array_equal(v.label(name), want)
+        record = v.records[-1]
+        assert record["label_mode"] == "vocabulary" and record["settings_hash"] == "abc"
+        for key in ("vocabulary_hash", "source_done", "global_ids"):
+            assert record[key] == done[key], key
+        assert v.prototypes().labels.tolist() == sorted(set(done["global_ids"].values()))
+        assert v._read(v.prototypes_member) == (png / v.video_id / PROTOTYPES).read_bytes()
+    # The applied shards are a corpus: fit reads them (the global-id prototypes).
+    assert Corpus.scan([tars]).dim == DIM
+    again = apply_vocabulary(labels, vocab, tars, "shards", videos_per_shard=3)
+    assert again.skipped == first.written and not again.written and _tree(tars) == reference
+    # Killed while tar 1 was written, after its index and before its rename: tars 1-3 are gone, tar 1
+    # is a half `.tmp`; the rerun removes it and writes the same tars again.
+    for i in (1, 2, 3):
+        (tars / f"labels-rank000-{i:06d}.tar").unlink()
+        if i > 1:
+            (tars / f"labels-rank000-{i:06d}.index.json").unlink()
+    (tars / "labels-rank000-000001.tar.tmp").write_bytes(reference["labels-rank000-000001.tar"][:3000])
+    resumed = apply_vocabulary(labels, vocab, tars, "shards", videos_per_shard=3)
+    assert resumed.skipped == first.written[:3] and resumed.written == first.written[3:]
+    assert _tree(tars) == reference
+    # An error in video v005: the open tar (v003, v004) is dropped, the finished one kept.
+    for p in tars.iterdir():
+        p.unlink()
+    real = apply_module._Mapped.label
+
+    def failing(self, name):
+        if self.video.video_id == "v005":
+            raise PrototypeError("boom")
+        return real(self, name)
+
+    monkeypatch.setattr(apply_module._Mapped, "label", failing)
+    with pytest.raises(PrototypeError, match="boom"):
+        apply_vocabulary(labels, vocab, tars, "shards", videos_per_shard=3)
+    assert sorted(p.name for p in tars.iterdir()) == [
+        "labels-rank000-000000.index.json",
+        "labels-rank000-000000.tar",
+    ]
+    monkeypatch.undo()
+    apply_vocabulary(labels, vocab, tars, "shards", videos_per_shard=3)
+    assert _tree(tars) == reference
+    # Tars are not rewritten in place, and one output folder holds one format.
+    fit_vocabulary([labels], CLASSES, tmp_path / "vocab2", seed=1)
+    with pytest.raises(ValueError, match="mapped with this vocabulary .* use a new `--out`"):
+        apply_vocabulary(labels, tmp_path / "vocab2", tars, "shards")
+    with pytest.raises(ValueError, match="to hold no label shards for png output"):
+        apply_vocabulary(labels, vocab, tars, "png")
+    with pytest.raises(ValueError, match="to hold no png videos"):
+        apply_vocabulary(labels, vocab, png, "shards")
+    assert _tree(tars) == reference and not list(tmp_path.rglob("*.lock"))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+def test_apply_to_predicts_label_shards_writes_their_samples_in_global_ids(tmp_path):
+    """Label shards in, label shards out (the default): one sample per source clip with its meta.json
+    and record as predict wrote them, the labels mapped, the remapped prototypes in the last clip."""
+    import webdataset as wds
+    from shards import CLIP_FRAMES, make_shards, predict_args
+
+    from vss_lightning.cli import main as cli_main
+
+    make_shards(tmp_path / "shards", [[("a", 5), ("b", 3)]], clip_frames=CLIP_FRAMES)  # "a": two clips
+    tars, vocab, out = tmp_path / "tars", tmp_path / "vocab", tmp_path / "global"
+    cli_main(predict_args(str(tmp_path / "shards" / "*.tar"), tars, "--output_format", "shards"))
+    main(["fit", "--labels", str(tars), "--num_classes", "3", "--out", str(vocab)])
+    main(["apply", "--labels", str(tars), "--vocab", str(vocab), "--out", str(out)])
+    assert list(out.glob("labels-rank000-*.tar")) and not list(out.glob("*/DONE"))
+
+    def samples(folder: Path) -> dict[str, dict]:
+        urls = sorted(str(p) for p in folder.glob("labels-rank*.tar"))
+        return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+
+    src, dst = samples(tars), samples(out)
+    assert sorted(dst) == sorted(src) == ["a__c0000", "a__c0001", "b__c0000"]
+    for key, s in src.items():
+        d = dst[key]
+        assert d["meta.json"] == s["meta.json"]
+        before, after = json.loads(s["labels.json"]), json.loads(d["labels.json"])
+        for field_name in ("video_id", "identity", "frame_names", "clip_index", "num_clips", "sources"):
+            assert after[field_name] == before[field_name], field_name
+        assert after["label_mode"] == "vocabulary" and after["settings_hash"] == before["settings_hash"]
+        lut = {int(k): v for k, v in after["global_ids"].items()}
+        assert sorted(set(lut.values())) <= [0, 1, 2]
+        for i in range(len(before["frame_names"])):
+            local = np.asarray(Image.open(io.BytesIO(s[f"{i:05d}.label.png"])))
+            mapped = np.asarray(Image.open(io.BytesIO(d[f"{i:05d}.label.png"])))
+            np.testing.assert_array_equal(mapped, np.vectorize(lut.get)(local))
+        assert ("prototypes.safetensors" in d) == ("prototypes.safetensors" in s) == (key != "a__c0000")
+    vid_b = VideoPrototypes.from_bytes(dst["b__c0000"]["prototypes.safetensors"], {}, "b")
+    assert vid_b.labels.tolist() == sorted(
+        set(json.loads(dst["b__c0000"]["labels.json"])["global_ids"].values())
+    )
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+def test_lightning_test_with_a_vocabulary_scores_the_global_ids_apply_writes(tmp_path):
+    """`test --model.vocabulary VOCAB --model.matching dataset` on the smoke config: metrics.json scores
+    global ids, and the labels it wrote and scored are those `vocabulary apply` made from predict's
+    (every video in one clip, so the direct map equals apply's), with the same mIoU as `evaluate`."""
+    from shards import label_files, make_shards, predict_args
+
+    from vss_lightning.cli import main as cli_main
+    from vss_lightning.evaluate import evaluate
+
+    make_shards(tmp_path / "shards", [[("a", 3), ("b", 2)], [("c", 3)]], labelled=True)  # C = 4
+    shards = str(tmp_path / "shards" / "*.tar")
+    local, vocab, applied, tested = (tmp_path / n for n in ("local", "vocab", "applied", "tested"))
+    cli_main(predict_args(shards, local))
+    main(["fit", "--labels", str(local), "--num_classes", "3", "--out", str(vocab)])
+    main(["apply", "--labels", str(local), "--vocab", str(vocab), "--out", str(applied)])
+    args = predict_args(
+        shards,
+        tested,
+        "--model.vocabulary",
+        str(vocab),
+        "--model.matching",
+        "dataset",
+        "--model.num_classes",
+        "4",
+    )
+    cli_main(["test", *args[1:]])
+    metrics = json.loads((tested / "metrics.json").read_text())
+    assert metrics["stage"] == "test" and metrics["matching"] == "dataset" and metrics["num_classes"] == 4
+    assert metrics["vocabulary"] == str(vocab) and metrics["frames"] == 8 and metrics["videos"] == 3
+    assert all(key in metrics for key in ("mIoU", "pixel_acc", "per_class_iou"))
+    written = label_files(tested)
+    assert len(written) == 8 and written == label_files(applied)
+    assert max(int(np.asarray(Image.open(p)).max()) for p in tested.glob("*/*.png")) < 3  # global ids
+    want = evaluate(str(applied), shards, num_classes=4, matching="dataset")
+    assert metrics["mIoU"] == pytest.approx(want["mIoU"]) and metrics["pixel_acc"] == pytest.approx(
+        want["pixel_acc"]
+    )
+    local_score = evaluate(str(local), shards, num_classes=4, matching="dataset")
+    assert local_score["mIoU"] != pytest.approx(metrics["mIoU"])  # the check can tell local ids apart

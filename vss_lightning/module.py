@@ -16,10 +16,15 @@ nothing. The video-level algorithm (state across clips, ground-truth anchors, OO
 No collective runs per step, so ranks with different numbers of videos never wait on each other;
 the evaluation metrics sync once, at the end of test/validate, on every rank, and the result is
 kept in `eval_results` (the writer writes it to `metrics.json`).
+
+(Longer than 400 lines because the label modes' glue to Lightning — the settings hash, the class
+names of open-vocabulary naming resolved against the shards' manifest, the vocabulary — is here; the
+algorithms are in `pipeline` and `vocabulary`.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,12 +39,16 @@ from vss_lightning.clips import ClipAssembler
 from vss_lightning.data.format import FailedSample, SampleError, VideoMeta, VideoSample
 from vss_lightning.io.summary import VideoFailed, VideoLabels, VideoResult, VideoSkipped
 from vss_lightning.metrics import VideoSegmentationMetrics, join_parts, labelled_part
+from vss_lightning.pipeline.naming import NamingSettings, label_classes, load_class_names, resolve_class_names
+from vss_lightning.pipeline.prototypes import VideoPrototypes
 from vss_lightning.pipeline.segmenter import VideoSegmenter
-from vss_lightning.pipeline.video import FrameListener, GtAnchor, LabelMode, VideoLabeller, seed_key
+from vss_lightning.pipeline.video import FrameListener, GtAnchor, VideoLabeller, seed_key
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ZeroShotVSS", "seed_key"]
+
+LabelMode = Literal["cluster", "first_frame_gt", "open_vocab"]
 
 
 class ZeroShotVSS(L.LightningModule):
@@ -48,9 +57,11 @@ class ZeroShotVSS(L.LightningModule):
     Args:
         segmenter: the pipeline and its settings (default: `VideoSegmenter()`, Stable Diffusion 2.1
             base with the paper's settings).
-        label_mode: "cluster" (labels are cluster ids, consistent within a video; pure zero-shot) or
+        label_mode: "cluster" (labels are cluster ids, consistent within a video; pure zero-shot),
             "first_frame_gt" (each cluster takes the majority ground-truth class of frame 0, which
-            must be labelled; the evaluation protocol of the paper).
+            must be labelled; the evaluation protocol of the paper) or "open_vocab" (each cluster
+            takes the class of `class_names` its cells attend to most in the UNet's cross-attention:
+            class ids without any ground truth; Stable Diffusion backbones only).
         gt_anchor: which ground-truth frame `first_frame_gt` starts from: "first_frame" (frame 0, the
             paper's protocol) or "first_labelled" (the first frame with a label, e.g. the 20th frame
             of a Cityscapes snippet: the video is segmented forwards from that frame and, for the
@@ -66,6 +77,12 @@ class ZeroShotVSS(L.LightningModule):
         vocabulary: a corpus vocabulary folder (`python -m vss_lightning.vocabulary fit`): labels are
             written as its global class ids (each label to the class nearest to its prototype), the
             same ids in every video. It must have been fitted on labels of this job's settings.
+        class_names: the classes of `open_vocab`, in id order: a list, or a YAML (list or `{id: name}`)
+            or text file (one per line); None takes the shards' manifest `class_names`. In
+            `cluster` mode, given names make every video's prototypes carry class scores, which
+            `vocabulary name` turns into names for a corpus vocabulary's classes; `first_frame_gt`
+            ignores them.
+        naming: how the cross-attention names labels (default: `NamingSettings()`).
     """
 
     def __init__(
@@ -78,11 +95,14 @@ class ZeroShotVSS(L.LightningModule):
         on_error: Literal["skip", "fail"] = "skip",
         oom_retry: bool = True,
         vocabulary: str | None = None,
+        class_names: list[str] | str | None = None,
+        naming: NamingSettings | None = None,
     ) -> None:
         super().__init__()
-        if label_mode not in ("cluster", "first_frame_gt"):
+        if label_mode not in ("cluster", "first_frame_gt", "open_vocab"):
             raise ValueError(
-                f"Expected `label_mode` to be 'cluster' or 'first_frame_gt', but got {label_mode!r}."
+                "Expected `label_mode` to be 'cluster', 'first_frame_gt' or 'open_vocab', but got "
+                f"{label_mode!r}."
             )
         if gt_anchor not in ("first_frame", "first_labelled"):
             raise ValueError(
@@ -99,17 +119,37 @@ class ZeroShotVSS(L.LightningModule):
                 f"Expected `num_classes` to be a positive integer or None, but got {num_classes!r}."
             )
         self.segmenter = segmenter if segmenter is not None else VideoSegmenter()
+        backbone = self.segmenter.backbone
+        names_used = label_mode == "open_vocab" or (label_mode == "cluster" and class_names is not None)
+        if names_used and not backbone.has_text_encoder:
+            raise ValueError(
+                f"Expected a backbone with a text encoder for open-vocabulary naming (label_mode open_vocab "
+                f"or class_names), but {backbone.description} has none: Stable Video Diffusion is "
+                "conditioned on an image. Use the Stable Diffusion backbone for naming, or label_mode "
+                "cluster without class_names."
+            )
+        if label_mode == "open_vocab" and vocabulary is not None:
+            raise ValueError(
+                "Expected either `label_mode: open_vocab` (class ids from the cross-attention) or "
+                "`vocabulary` (a corpus vocabulary's global ids), but got both. Name a vocabulary's classes "
+                "with `python -m vss_lightning.vocabulary name` instead."
+            )
+        self.class_names = class_names
+        self.naming = naming if naming is not None else NamingSettings()
+        self._class_names = load_class_names(class_names) if class_names is not None else None
+        self._names_resolved = False
         self.label_mode = label_mode
         self.gt_anchor = gt_anchor
         self.num_classes = num_classes
         self._given_num_classes = num_classes  # `num_classes` resolves against the manifest per test run
-        self.matching = (
-            matching if matching != "auto" else ("none" if label_mode == "first_frame_gt" else "video")
-        )
+        self.matching = matching if matching != "auto" else ("video" if label_mode == "cluster" else "none")
         self.on_error = on_error
         self.oom_retry = oom_retry
         self.vocabulary = vocabulary
-        self.videos = VideoLabeller(self.segmenter, label_mode, gt_anchor, oom_retry)
+        labeller_mode = (
+            "first_frame_gt" if label_mode == "first_frame_gt" else "cluster"
+        )  # open_vocab names clusters
+        self.videos = VideoLabeller(self.segmenter, labeller_mode, gt_anchor, oom_retry)
         self.metrics: VideoSegmentationMetrics | None = None
         self.failed_count: SumMetric | None = None
         self.eval_results: dict[str, Any] | None = None  # the last test/validate metrics (metrics.json)
@@ -144,8 +184,52 @@ class ZeroShotVSS(L.LightningModule):
             self.failed_count.update(0.0)  # a defined sum on every rank, even with no failure
             self.eval_results = None
         self.load(self.trainer.strategy.root_device)
+        self._use_naming()
         self._use_vocabulary()
         self._reset_videos()
+
+    def naming_class_names(self) -> list[str] | None:
+        """The class names the labels are scored for: `class_names` as given, else (for `open_vocab`)
+        the shards' manifest `class_names`; None without naming (and always in `first_frame_gt`, whose
+        labels are the ground truth's classes already).
+
+        Raises:
+            ValueError: for `open_vocab` without class names, or given names that differ from the
+                manifest's (naming the manifest and the fix).
+        """
+        if self.label_mode == "first_frame_gt":
+            return None
+        if self._names_resolved:
+            return self._class_names
+        info = (
+            getattr(getattr(self._trainer, "datamodule", None), "dataset_info", None)
+            if self._trainer
+            else None
+        )
+        manifest = getattr(info, "class_names", None)
+        where = ", ".join(getattr(info, "manifests", ())) or "the shards' manifest.json"
+        names = resolve_class_names(self._class_names, manifest, where, self.label_mode == "open_vocab")
+        self._class_names, self._names_resolved = names, self._trainer is not None
+        return names
+
+    def _use_naming(self) -> None:
+        """With class names, score every label for them (`pipeline.naming`); `open_vocab` writes the
+        class each label attends to most."""
+        names = self.naming_class_names()
+        self.segmenter.enable_naming(names, self.naming)
+        if self.label_mode == "open_vocab":
+            self.videos.relabel = self._label_classes
+
+    def _label_classes(self, prototypes: VideoPrototypes) -> dict[int, int]:
+        n = self.naming
+        return label_classes(
+            prototypes.class_scores,
+            prototypes.score_range,
+            prototypes.labels.tolist(),
+            n.normalize,
+            n.unknown_threshold,
+            self.segmenter.context.ignore_index,
+        )
 
     def _use_vocabulary(self) -> None:
         """With `vocabulary`, map every video's labels to its global ids (checked against the settings)."""
@@ -182,6 +266,8 @@ class ZeroShotVSS(L.LightningModule):
         manifest = getattr(info, "num_classes", None)
         where = ", ".join(getattr(info, "manifests", ()))
         if self._given_num_classes is None:
+            if manifest is None and self.label_mode == "open_vocab":
+                return len(self.naming_class_names())
             if manifest is None:
                 raise ValueError(
                     f"Expected `--model.num_classes` to be set for `{stage}` (the metrics need it), but got "
@@ -217,8 +303,12 @@ class ZeroShotVSS(L.LightningModule):
         return self._hash
 
     def _local_settings_hash(self) -> str:
-        """The settings hash of the local (per-video) labels, without a vocabulary."""
-        payload = {"segmenter": self.segmenter.settings(), "label_mode": self.label_mode}
+        """The settings hash of the local (per-video) labels, without a vocabulary (with class names,
+        the names and naming settings are part of it: they make the class ids and class scores)."""
+        payload: dict[str, Any] = {"segmenter": self.segmenter.settings(), "label_mode": self.label_mode}
+        names = self.naming_class_names()
+        if names is not None:
+            payload["naming"] = {"class_names": names, **dataclasses.asdict(self.naming)}
         text = json.dumps(payload, sort_keys=True, default=repr)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -231,6 +321,9 @@ class ZeroShotVSS(L.LightningModule):
         }
         if self.vocabulary is not None:
             info["vocabulary"] = str(self.vocabulary)
+        names = self.naming_class_names()
+        if names is not None:
+            info["class_names"] = names
         return info
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

@@ -112,21 +112,22 @@ def dataset_palette(source: str, num_classes: int | None) -> np.ndarray | None:
 def palette_for(source: str = "", num_classes: int | None = None, label_mode: str = "cluster") -> np.ndarray:
     """The 256-colour lookup table for labels of one video.
 
-    Labels are class ids only in `first_frame_gt` mode (and in ground truth); a known dataset's class
-    ids then take its official colours. Cluster ids, and ids beyond a dataset's classes, take the
-    fixed distinct colours.
+    Labels are class ids only in `first_frame_gt` and `open_vocab` modes (and in ground truth); a
+    known dataset's class ids then take its official colours. Cluster ids, and ids beyond a
+    dataset's classes, take the fixed distinct colours.
 
     Args:
         source: the dataset name (`VideoMeta.source`).
         num_classes: the dataset's number of classes (`VideoMeta.num_classes`).
-        label_mode: "cluster" or "first_frame_gt" (`ZeroShotVSS.label_mode`); "gt" for ground truth.
+        label_mode: "cluster", "first_frame_gt" or "open_vocab" (`ZeroShotVSS.label_mode`); "gt" for
+            ground truth.
 
     Returns:
         (256, 3) uint8: row `i` is the colour of id `i`; row 255 (the ignore id) is black for class
         ids.
     """
     table = distinct_palette(256)
-    if label_mode in ("first_frame_gt", "gt"):
+    if label_mode in ("first_frame_gt", "open_vocab", "gt"):
         known = dataset_palette(source, num_classes)
         if known is not None:
             table[: len(known)] = known

@@ -9,6 +9,10 @@ A tar is written as `.tmp`, closed, its index written, then renamed: a tar under
 complete, and holds whole videos only (the clips of a video are buffered, as encoded PNGs, until its
 last clip). A tar without an index (killed between the two renames) is scanned instead. Tars cannot
 be rewritten in place, so a folder holding labels of other settings is refused.
+
+Writers: the pseudo-label writer (`io.writer`, `predict`/`test`) and `vocabulary apply`, which stores
+labels mapped to global ids (`write(..., record=...)` adds its fields to `labels.json`; `mtime` makes
+its tars byte-stable; `abort` drops the open tar on an error, as a kill would).
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ class LabelShardStore:
         shard_max_bytes: close a tar once it holds this many bytes of labels.
         info: the module's `output_info()`, recorded per clip (default: the settings hash only).
         write_previews: also store `<i>.preview.png` per frame (`io.previews`).
+        mtime: the modification time of every tar member (None: the time of writing); a fixed value
+            gives byte-identical tars for identical content (`vocabulary apply`).
     """
 
     def __init__(
@@ -77,12 +83,14 @@ class LabelShardStore:
         shard_max_bytes: int = 1 << 30,
         info: dict[str, Any] | None = None,
         write_previews: bool = False,
+        mtime: float | None = None,
     ) -> None:
         self.root, self.rank, self.world_size = root, rank, world_size
         self.settings_hash, self.run_id = settings_hash, run_id
         self.videos_per_shard, self.shard_max_bytes = videos_per_shard, shard_max_bytes
         self.info = info if info is not None else {"settings_hash": settings_hash}
         self.write_previews = write_previews
+        self.mtime = mtime
         self.complete: dict[str, str] = {}  # video id -> settings hash, from finished tars
         self._pending: ClipAssembler[dict[str, Any]] = ClipAssembler()  # clips of unfinished videos
         self.next_index = 0
@@ -130,9 +138,15 @@ class LabelShardStore:
         """Whether a finished tar (of any rank, or this run) holds the whole video."""
         return video_id in self.complete
 
-    def write(self, res: VideoLabels, sample: Any = None) -> None:
+    def write(self, res: VideoLabels, sample: Any = None, record: dict[str, Any] | None = None) -> None:
         """Encode one clip's labels (and previews) as a tar sample and `add_clip` it; a video already in
-        a finished tar is not stored twice (test/validate recompute complete videos)."""
+        a finished tar is not stored twice (test/validate recompute complete videos).
+
+        Args:
+            res: the clip's labels (with the video's prototypes on its last clip).
+            sample: the step's batch, for the previews' frames.
+            record: fields added to (or replacing those of) the clip's `labels.json` record.
+        """
         meta = res.meta
         vid = validate_name(meta.video_id, "video id")
         if self.is_complete(vid):
@@ -143,7 +157,7 @@ class LabelShardStore:
         out: dict[str, Any] = {
             "__key__": sample_key(vid, meta.clip_index),
             "meta.json": meta.to_json(),
-            "labels.json": json_bytes(label_record(res, arr, self.info)),
+            "labels.json": json_bytes({**label_record(res, arr, self.info), **(record or {})}),
         }
         if res.prototypes is not None:  # the video's, with its last clip
             res.prototypes.settings_hash = self.settings_hash
@@ -178,7 +192,7 @@ class LabelShardStore:
     def _store(self, video_id: str, samples: list[dict[str, Any]], num_clips: int) -> None:
         if self._tar is None:
             self._file = open(self.root / f"{self._name(self.next_index)}.tmp", "wb")  # noqa: SIM115
-            self._tar = wds.TarWriter(self._file, encoder=False)
+            self._tar = wds.TarWriter(self._file, encoder=False, mtime=self.mtime)
         for sample in samples:
             self._tar.write(sample)
             self._bytes += sum(len(v) for k, v in sample.items() if not k.startswith("__"))
@@ -200,3 +214,19 @@ class LabelShardStore:
         self._tar, self._file = None, None
         self.next_index += 1
         self._videos, self._bytes = {}, 0
+
+    def abort(self) -> None:
+        """Drop the open tar (its `.tmp` is removed, its videos are not complete) and the clips of
+        unfinished videos: what a kill leaves, minus the temporary file. Finished tars are kept."""
+        self.unfinished()
+        if self._tar is None:
+            return
+        try:
+            self._tar.close()
+            self._file.close()
+        finally:
+            (self.root / f"{self._name(self.next_index)}.tmp").unlink(missing_ok=True)
+            for vid in self._videos:
+                self.complete.pop(vid, None)
+            self._tar, self._file = None, None
+            self._videos, self._bytes = {}, 0

@@ -24,6 +24,7 @@ from diffusers import (
 )
 
 from .backbone import DTypeName, SDBackbone, resolve_dtype
+from .naming import PromptEncoder
 from .sd import LoadedBackbone
 from .svd import SVDBackbone
 from .svd_sampler import LoadedVideoBackbone, SVDSettings
@@ -141,6 +142,36 @@ def seeded(seed: int) -> Iterator[None]:
         torch.random.set_rng_state(state)
 
 
+def char_tokenizer(max_length: int = SD21_TEXT_LENGTH):
+    """A character-level `CLIPTokenizer` for the tiny text encoder (ids below its 100-word vocabulary).
+
+    Special tokens as SD 2.1's tokenizer has them (<|startoftext|>, <|endoftext|>, pad "!"), then
+    every lowercase letter, digit and a few punctuation marks, alone and word-final ("</w>"), with no
+    merges: a word is spelled out letter by letter. Written to a temporary folder (the tokenizer
+    reads its vocabulary and merges from files) and read back at once.
+    """
+    import json
+    import string
+    import tempfile
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
+    for c in string.ascii_lowercase + string.digits + ".,-'":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"),
+            str(Path(tmp) / "merges.txt"),
+            pad_token="!",
+            model_max_length=max_length,
+        )
+
+
 # -- Stable Diffusion ----------------------------------------------------------------------------------
 class TinyStableDiffusion(SDBackbone):
     """A tiny random-weight backbone of the same diffusers classes and layer names as SD 2.1-base.
@@ -149,8 +180,8 @@ class TinyStableDiffusion(SDBackbone):
     feature grid is 1/16 of the frame; an 8x VAE. Cheap on a CPU: 8-16 channels, attention only at
     the 1/16 and 1/32 levels (SD 2.1 also attends at 1/8, where a 448x320 frame has 2,240 tokens)
     and none in the VAE's middle block. Built from `seed` in code: no download, no files.
-    A tiny CLIP text encoder gives the empty-prompt embedding from its special-token ids (no
-    tokenizer files needed).
+    A tiny CLIP text encoder gives the empty-prompt embedding; a character-level CLIP tokenizer
+    (`char_tokenizer`, built in code) lets it encode class prompts for open-vocabulary naming.
 
     Args:
         seed: seed of the random weights.
@@ -164,6 +195,10 @@ class TinyStableDiffusion(SDBackbone):
     @property
     def description(self) -> str:
         return f"TinyStableDiffusion(seed={self.seed})"
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return True
 
     def load(self, device: torch.device | str = "cpu") -> LoadedBackbone:
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -211,10 +246,12 @@ class TinyStableDiffusion(SDBackbone):
                 )
             ).eval()
         scheduler = EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG)
-        ids = torch.tensor([[0, 2] + [1] * 75])  # <bos> <eos> <pad>...: the empty prompt
-        with torch.no_grad():
+        tokenizer = char_tokenizer()
+        ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():  # the empty prompt: <bos> <eos> <pad>...
             cond = text_encoder(ids)[0]
-        return LoadedBackbone.ready(unet, vae, scheduler, cond, device, dtype)
+        prompts = PromptEncoder(tokenizer, text_encoder.requires_grad_(False))
+        return LoadedBackbone.ready(unet, vae, scheduler, cond, device, dtype, prompts)
 
 
 class RandomStableDiffusion(SDBackbone):

@@ -19,7 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -183,6 +183,9 @@ class PassRecord:
         features: layer name -> (B, tokens, channels) conditional-branch query at the feature step.
         conditioning: the family's conditioning the pass ran with (the modulated runs use it too).
         prefix: the UNet prefix outputs of the first step, when the sampler keeps them (`prefix.py`).
+        captured: step -> layer name -> (B, tokens, channels) conditional-branch queries of the
+            further layers the pass was asked to capture (`captures`, e.g. cross-attention queries
+            for open-vocabulary naming).
     """
 
     qk: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]
@@ -191,6 +194,7 @@ class PassRecord:
     features: dict[str, torch.Tensor]
     conditioning: Any = None
     prefix: PrefixCache | None = None
+    captured: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class Sampler(ABC):
@@ -313,6 +317,7 @@ class Sampler(ABC):
         control: AttentionControl,
         feature_layers: list[str],
         feature_step: int,
+        captures: dict[int, list[str]] | None = None,
     ) -> PassRecord:
         """Run steps start..end-1 on a batch of frames, recording q/k, latents and features.
 
@@ -322,6 +327,8 @@ class Sampler(ABC):
             control: the attention control state (processors must not be installed yet).
             feature_layers: layer names whose conditional-branch query is the feature.
             feature_step: the step whose queries are the features.
+            captures: step -> further layers whose conditional-branch queries the record keeps
+                (`record.captured`); no extra UNet work.
 
         Returns:
             The record (q/k of `qk_layers`; the UNet prefix of `prefix_layer` at the first step, if
@@ -329,13 +336,19 @@ class Sampler(ABC):
         """
         if feature_step not in self.steps:
             raise ValueError(f"Expected `feature_step` to be in {list(self.steps)}, but got {feature_step}.")
+        captures = {step: list(layers) for step, layers in (captures or {}).items() if layers}
+        wrong = sorted(set(captures) - set(self.steps))
+        if wrong:
+            raise ValueError(f"Expected capture steps in {list(self.steps)}, but got {wrong}.")
         record = PassRecord(qk={}, latents={}, start_latent=z_start, features={}, conditioning=cond)
         if self.prefix_layer is not None:
             record.prefix = PrefixCache(self.bb.unet, self.prefix_layer)
         qk_layers = set(self.qk_layers)
+        captured_layers = {n for layers in captures.values() for n in layers}
         chunk = self._frames_per_forward(z_start.shape[0])
         x = z_start
-        with installed_processors(self.bb.unet, sorted(qk_layers | set(feature_layers)), control):
+        installed = sorted(qk_layers | set(feature_layers) | captured_layers)
+        with installed_processors(self.bb.unet, installed, control):
             for step in self.steps:
                 outs, qk_parts, feat_parts = [], [], []
                 keep_prefix = record.prefix is not None and record.prefix.enabled and step == self.start_step
@@ -344,6 +357,7 @@ class Sampler(ABC):
                         control.reset()
                         control.record = set(qk_layers)
                         control.capture = set(feature_layers) if step == feature_step else set()
+                        control.capture |= set(captures.get(step, ()))
                         outs.append(self._pass_step(xc, step, cond))
                         qk_parts.append(
                             {
@@ -365,5 +379,7 @@ class Sampler(ABC):
                     }
                 if step == feature_step:
                     record.features = {k: torch.cat([p[k] for p in feat_parts]) for k in feature_layers}
+                if step in captures:
+                    record.captured[step] = {k: torch.cat([p[k] for p in feat_parts]) for k in captures[step]}
             control.reset()
         return record

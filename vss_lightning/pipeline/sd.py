@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
 from .modulation import Modulation, ModulationSettings, UnitGroup, latent_masks
+from .naming import PromptEncoder
 from .sampler import LoadedModels, PassRecord, Sampler, prepared
 
 
@@ -35,6 +36,8 @@ class LoadedBackbone(LoadedModels):
             the checkpoint's).
         cond_embedding: (1, S, D) text embedding of the empty prompt (conditional CFG branch).
         uncond_embedding: (1, S, D) all-zero embedding (unconditional CFG branch).
+        prompts: the tokenizer and text encoder (CPU, float32) for open-vocabulary naming
+            (`naming.PromptEncoder`), or None for a backbone without them.
     """
 
     unet: UNet2DConditionModel
@@ -42,13 +45,16 @@ class LoadedBackbone(LoadedModels):
     scheduler: EulerDiscreteScheduler
     cond_embedding: torch.Tensor
     uncond_embedding: torch.Tensor
+    prompts: PromptEncoder | None = None
 
     @classmethod
-    def ready(cls, unet, vae, scheduler, cond: torch.Tensor, device, dtype) -> LoadedBackbone:
+    def ready(
+        cls, unet, vae, scheduler, cond: torch.Tensor, device, dtype, prompts: PromptEncoder | None = None
+    ) -> LoadedBackbone:
         """Models in `dtype` on `device` in eval mode; the unconditional embedding is zeros."""
         unet, vae = prepared(unet, device, dtype), prepared(vae, device, dtype)
         cond = cond.to(device=device, dtype=dtype)
-        return cls(unet, vae, scheduler, cond, torch.zeros_like(cond))
+        return cls(unet, vae, scheduler, cond, torch.zeros_like(cond), prompts)
 
 
 @dataclass

@@ -10,7 +10,11 @@ The segmenter talks to a diffusion family only through `Backbone` (layer names, 
 `Modulation` (`labels`), so SD and SVD run through the same code.
 
 The settings are typed dataclasses, one per stage of the method (`settings.py`); the CLI's config
-schema is `VideoSegmenter.__init__` and those dataclasses.
+schema is `VideoSegmenter.__init__` and those dataclasses. With `enable_naming`, each batch also
+carries class score maps for open-vocabulary naming (`naming.py`, from queries the pass keeps).
+
+(Longer than 400 lines because the one loop of the method, `iter_segment`, and the settings hash it
+is bound to belong together; every stage's algorithm lives in its own module.)
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -28,6 +32,7 @@ from .attention import AttentionControl
 from .backbone import Backbone, StableDiffusion
 from .context import SceneContextModel, linf_normalize, per_frame_kmeans, resize_gt_to_grid
 from .modulation import Modulation, ModulationSettings
+from .naming import ClassNamer, NamingSettings, build_namer
 from .refine import correspondence_refine
 from .sampler import LoadedModels, Sampler, resize_to_multiple
 from .settings import (
@@ -39,8 +44,6 @@ from .settings import (
     SamplingSettings,
     SpeedSettings,
 )
-
-LabelMode = Literal["cluster", "first_frame_gt"]
 
 
 def _canonical(value: Any, annotation: Any) -> Any:
@@ -71,12 +74,15 @@ class BatchLabels:
         features: (n, h, w, C) the aggregated, L-inf-normalised features of the emitted frames, on
             the pipeline's device (a view of the batch's features, for the label prototypes of a
             corpus vocabulary; reduce them before the next batch).
+        class_scores: (n, h, w, classes) class score maps of the emitted frames at the feature grid
+            (open-vocabulary naming, `enable_naming`), on the pipeline's device; None without naming.
     """
 
     indices: list[int]
     labels: torch.Tensor
     coarse: torch.Tensor
     features: torch.Tensor | None = None
+    class_scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -173,6 +179,8 @@ class VideoSegmenter:
         self._loaded: LoadedModels | None = None
         self._sampler: Sampler | None = None
         self._modulation: Modulation | None = None
+        self._namer: ClassNamer | None = None
+        self._naming_key: tuple | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def load(self, device: torch.device | str = "cpu") -> VideoSegmenter:
@@ -200,6 +208,33 @@ class VideoSegmenter:
         )
         self._modulation = self.backbone.make_modulation(self.modulation, self._sampler)
         return self
+
+    def enable_naming(self, class_names: list[str] | None, settings: NamingSettings | None = None) -> None:
+        """Score every frame's feature-grid cells for `class_names` from the cross-attention queries
+        of the unmodulated pass (`naming.py`; the scores come with each `BatchLabels`); None turns it
+        off. The prompts are encoded once: enabling the same names and settings again costs nothing.
+
+        Raises:
+            ValueError: if the backbone has no text encoder (e.g. SVD, which is image conditioned),
+                or a naming setting does not fit the method's steps and blocks.
+        """
+        if class_names is None:
+            self._namer, self._naming_key = None, None
+            return
+        self._require_loaded()
+        settings = settings if settings is not None else NamingSettings()
+        key = (tuple(class_names), repr(settings))
+        if self._naming_key == key:
+            return
+        self._namer = build_namer(
+            self._loaded, self.backbone, class_names, settings, self.features.step, self._sampler.steps
+        )
+        self._naming_key = key
+
+    @property
+    def naming(self) -> ClassNamer | None:
+        """The class namer `enable_naming` set up, or None."""
+        return self._namer
 
     @property
     def loaded(self) -> bool:
@@ -337,12 +372,18 @@ class VideoSegmenter:
             zt = sm.add_noise(z0.float(), noise.to(dev))
             t0 = tick("encode", t0)
             # what the pass keeps for the modulation (q/k, a UNet prefix) the family set up in `load`
+            namer = self._namer
+            captures = {namer.step: namer.layer_names} if namer is not None else None
             record = sm.unmodulated_pass(
-                zt, cond, control, self.feature_layers + [self.cbr_layer], self.features.step
+                zt, cond, control, self.feature_layers + [self.cbr_layer], self.features.step, captures
             )
             feats, cbr_feats = self._features(record, size)
             grid = tuple(feats.shape[1:3])
             t0 = tick("features", t0)
+            scores = None
+            if namer is not None:  # matrix products on the stored queries, no UNet pass
+                scores = namer.scores(record.captured.pop(namer.step), grid)
+                t0 = tick("naming", t0)
             if per_frame:
                 coarse = per_frame_kmeans(feats, c.num_clusters, c.kmeans_n_init, self.seed)
             else:
@@ -371,7 +412,11 @@ class VideoSegmenter:
             labels, coarse_out = full[new:].cpu(), coarse[new:].cpu()
             tick("resize", t0)
             yield BatchLabels(
-                indices=list(range(start + new, end)), labels=labels, coarse=coarse_out, features=feats[new:]
+                indices=list(range(start + new, end)),
+                labels=labels,
+                coarse=coarse_out,
+                features=feats[new:],
+                class_scores=scores[new:] if scores is not None else None,
             )
             emitted = end
         if state is not None:

@@ -238,6 +238,7 @@ class SVDSampler(Sampler):
         control: AttentionControl,
         feature_layers: list[str],
         feature_step: int,
+        captures: dict[int, list[str]] | None = None,
     ) -> PassRecord:
         """`Sampler.unmodulated_pass` of one video batch; `cond` must be the batch's conditioning."""
         if cond.image_latent.shape[-2:] != z_start.shape[-2:]:
@@ -246,4 +247,4 @@ class SVDSampler(Sampler):
                 f"{tuple(z_start.shape[-2:])}), but its latent is {tuple(cond.image_latent.shape[-2:])}. "
                 "Compute it with `condition(frames)`."
             )
-        return super().unmodulated_pass(z_start, cond, control, feature_layers, feature_step)
+        return super().unmodulated_pass(z_start, cond, control, feature_layers, feature_step, captures)

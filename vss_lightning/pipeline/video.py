@@ -299,7 +299,9 @@ class VideoLabeller:
             back_key = seed_key(f"{vid}:backward", clip.frame_offset + anchor)
             passes.append((frames[: anchor + 1].flip(0), -1, VideoState(), back_key))
         done = 0
-        clip_sums = PrototypeAccumulator()  # this attempt's; merged into the video's on success
+        namer = self.segmenter.naming
+        names = namer.class_names if namer is not None else None
+        clip_sums = PrototypeAccumulator(class_names=names)  # this attempt's; merged on success
         self._tell(vid, 0, t)  # the video starts
         for part_frames, direction, part_state, key in passes:
             for part in self.segmenter.iter_segment(
@@ -317,14 +319,16 @@ class VideoLabeller:
                 out[indices] = labels.to(out.dtype)
                 if part.features is not None:
                     rows = torch.tensor(keep, dtype=torch.long)
+                    on_device = rows.to(part.features.device)
                     clip_sums.add(
-                        part.features[rows.to(part.features.device)],
+                        part.features[on_device],
                         part.coarse[rows],
                         [clip.frame_offset + i for i in indices],
+                        part.class_scores[on_device] if part.class_scores is not None else None,
                     )
                 done += len(indices)
                 self._tell(vid, done, t)
-        self._prototypes.setdefault(vid, PrototypeAccumulator()).merge(clip_sums)
+        self._prototypes.setdefault(vid, PrototypeAccumulator(class_names=names)).merge(clip_sums)
         return ClipLabels(out, time.perf_counter() - t0, stage_seconds)
 
     def _tell(self, video_id: str, done: int, total: int) -> None:

@@ -99,6 +99,7 @@ class ShardVideo:
     records: list[dict] = field(default_factory=list)  # the clips' labels.json records, in order
     labels: dict[str, tuple[int, int]] = field(default_factory=dict)  # frame name -> label member
     prototypes_member: tuple[int, int] | None = None
+    metas: list[tuple[int, int] | None] = field(default_factory=list)  # the clips' meta.json members
 
     @property
     def where(self) -> str:
@@ -138,6 +139,11 @@ class ShardVideo:
     def label(self, name: str) -> np.ndarray:
         return _read_png(self._read(self.labels[name]))
 
+    def clip_meta(self, index: int) -> bytes | None:
+        """The `meta.json` of the video's clip `index` (its position among the video's samples)."""
+        member = self.metas[index] if index < len(self.metas) else None
+        return self._read(member) if member is not None else None
+
 
 Video = PngVideo | ShardVideo
 
@@ -148,7 +154,7 @@ def _png_videos(root: Path) -> Iterator[PngVideo]:
             yield PngVideo(vdir)
 
 
-def _shard_videos(root: Path) -> Iterator[ShardVideo]:
+def shard_videos(root: Path) -> Iterator[ShardVideo]:
     """The videos of the finished label shards in `root`, one scan of each tar's headers."""
     for path in sorted(root.glob(LABEL_SHARDS)):
         samples: dict[str, dict[str, tuple[int, int]]] = {}  # key -> member -> (offset, size)
@@ -169,6 +175,7 @@ def _shard_videos(root: Path) -> Iterator[ShardVideo]:
             vid = str(record["video_id"])
             video = videos.setdefault(vid, ShardVideo(path, vid))
             video.records.append(record)
+            video.metas.append(members.get("meta.json"))
             for i, name in enumerate(record.get("frame_names") or []):
                 if f"{i:05d}.label.png" in members:
                     video.labels[name] = members[f"{i:05d}.label.png"]
@@ -191,7 +198,7 @@ def find_videos(labels: list[Path]) -> Iterator[Video]:
                 "folder."
             )
         found = False
-        for video in (*_png_videos(root), *_shard_videos(root)):
+        for video in (*_png_videos(root), *shard_videos(root)):
             found = True
             yield video
         if not found:
