@@ -12,7 +12,7 @@ their keys kept per layer (`ClassNamer`).
 A label takes the class with the highest mean score over its feature-grid cells in all frames of the
 video (`label_classes`), after each class's map is normalised per frame or per video (min-max); the
 per-label sums live in the video's prototypes (`prototypes.PrototypeAccumulator`), so no score map is
-kept. docs/method.md section 12 describes it for users.
+kept. docs/method.md section 10 describes it for users.
 """
 
 from __future__ import annotations
