@@ -196,3 +196,46 @@ def test_a_record_without_qk_is_refused_for_injection(batch, tiny_backbone):
     no_qk = bare.unmodulated_pass(record.start_latent, bare.condition(x), AttentionControl(), [FEAT], 24)
     with pytest.raises(ValueError, match="q/k for injection"):
         SDModulation(ModulationSettings(), sm).labels(no_qk, _coarse(), (128, 192))
+
+
+def test_frames_already_emitted_are_neither_modulated_nor_decoded_and_labels_do_not_change(monkeypatch):
+    """The overlapping last batch (4 frames, B = 3: batches 0-2 and 1-3) modulates and decodes only
+    frame 3's units; its labels equal those of modulating every frame of the batch and keeping frame 3's."""
+    from vss_lightning.pipeline.modulation import Modulation
+    from vss_lightning.pipeline.segmenter import VideoSegmenter
+    from vss_lightning.pipeline.settings import ContextSettings
+
+    frames = torch.randint(
+        0, 255, (4, 3, 64, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    seg = VideoSegmenter(
+        TinyStableDiffusion(), context=ContextSettings(batch_size=3, num_clusters=3, kmeans_n_init=1)
+    )
+    seg.load()
+    decoded: list[int] = []
+    decode = seg.sampler.decode
+    monkeypatch.setattr(seg.sampler, "decode", lambda z: decoded.append(z.shape[0]) or decode(z))
+
+    def run() -> tuple[list, list[int]]:
+        outs, images = [], []
+        for out in seg.iter_segment(frames, key="v"):  # a batch's decodes happen before its yield
+            outs.append(out)
+            images.append(sum(decoded))
+            decoded.clear()
+        return outs, images
+
+    skipping, skipping_images = run()
+    labels = Modulation.labels
+
+    def every_frame(self, record, coarse, image_size, output_size=None, first=0):  # the plain path
+        return labels(self, record, coarse, image_size, output_size, 0)[first:]
+
+    monkeypatch.setattr(Modulation, "labels", every_frame)
+    plain, plain_images = run()
+    assert [o.indices for o in skipping] == [o.indices for o in plain] == [[0, 1, 2], [3]]
+    for a, b in zip(skipping, plain, strict=True):
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.coarse, b.coarse)
+    assert skipping_images[0] == plain_images[0]
+    # the second batch: one + and one - unit per label of frame 3 only (the plain path: of frames 1-3)
+    assert skipping_images[1] == 2 * int(skipping[1].coarse[0].unique().numel())
+    assert plain_images[1] > skipping_images[1]

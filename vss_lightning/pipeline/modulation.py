@@ -135,8 +135,10 @@ class Modulation(ABC):
         """The layers that get the modulation term (validating the family's settings)."""
 
     @abstractmethod
-    def _units(self, record: PassRecord, coarse: torch.Tensor) -> Iterator[UnitGroup]:
-        """Build and run the units of a batch, yielding groups to score in ascending label order."""
+    def _units(self, record: PassRecord, coarse: torch.Tensor, first: int = 0) -> Iterator[UnitGroup]:
+        """Build and run the units of a batch, yielding groups to score in ascending label order;
+        only frames `first`.. are scored (earlier frames are context, their labels already out): no
+        unit is built, run or decoded for them where the family's units are per frame."""
 
     # -- shared by the families ---------------------------------------------------------------------
     def _tokens(self, record: PassRecord, latent_hw: tuple[int, int]) -> int:
@@ -226,6 +228,7 @@ class Modulation(ABC):
         coarse: torch.Tensor,
         image_size: tuple[int, int],
         output_size: tuple[int, int] | None = None,
+        first: int = 0,
     ) -> torch.Tensor:
         """Labels of a batch at the frames' own resolution from its refined coarse masks.
 
@@ -235,21 +238,27 @@ class Modulation(ABC):
             image_size: (H', W') of the resized frames (the VAE's output size).
             output_size: (H, W) of the original frames (default: `image_size`). Each label's
                 difference map (after the mask filter) is resized to it and the argmax is taken there.
+            first: the first frame whose labels are wanted; the frames before it are context only
+                (e.g. the overlap of a video's last batch with the previous one), and their units are
+                neither run (SD: units are per frame) nor decoded. The labels of frames first.. are
+                exactly those of `first=0`.
 
         Returns:
-            (B, H, W) int64 labels, each a label of the frame's coarse mask.
+            (B - first, H, W) int64 labels of frames first..B-1, each a label of the frame's coarse mask.
         """
         output_size = tuple(output_size) if output_size is not None else tuple(image_size)
+        if not 0 <= first < coarse.shape[0]:
+            raise ValueError(f"Expected `first` in [0, {coarse.shape[0]}), but got {first}.")
         if not self.s.enabled:
-            return upsample_labels(coarse, output_size)
+            return upsample_labels(coarse[first:], output_size)
         if self.s.inject and self.sampler.qk_layers and not record.qk:
             raise ValueError(
                 "Expected `record` to hold q/k for injection, but its sampler was made with no `qk_layers`."
             )
         s = self.s
-        vote = LabelVote(coarse.shape[0], output_size, coarse.device)
-        for latents, frames, masks, labels in self._units(record, coarse):
+        vote = LabelVote(coarse.shape[0] - first, output_size, coarse.device)
+        for latents, frames, masks, labels in self._units(record, coarse, first):
             images = self.sampler.decode(latents)
             strength = s.filter_strength if s.mask_filter else None
-            add_unit_votes(vote, images, frames, masks, labels, s.blur_kernel, s.blur_sigma, strength)
+            add_unit_votes(vote, images, frames - first, masks, labels, s.blur_kernel, s.blur_sigma, strength)
         return vote.best

@@ -192,11 +192,12 @@ class SDModulation(Modulation):
             first_step=prefix.replaying(frame_idx) if prefix is not None else None,
         )
 
-    def _units(self, record: PassRecord, coarse: torch.Tensor) -> Iterator[UnitGroup]:
-        # Units: (frame, label) pairs present in the coarse masks, in label-then-frame order.
+    def _units(self, record: PassRecord, coarse: torch.Tensor, first: int = 0) -> Iterator[UnitGroup]:
+        # Units: (frame, label) pairs present in the coarse masks of frames first.., in label-then-frame
+        # order (each unit depends on its own frame only, so leaving context frames out is exact).
         frame_list, label_list = [], []
-        for label in coarse.unique().tolist():
-            present = (coarse == label).flatten(1).any(1).nonzero().flatten()
+        for label in coarse[first:].unique().tolist():
+            present = (coarse[first:] == label).flatten(1).any(1).nonzero().flatten() + first
             frame_list.append(present)
             label_list.append(torch.full_like(present, label))
         frames = torch.cat(frame_list)

@@ -313,6 +313,7 @@ class VideoSegmenter:
         state: VideoState | None = None,
         key: str = "",
         seconds: dict[str, float] | None = None,
+        context_frames: int = 0,
     ) -> Iterator[BatchLabels]:
         """Segment a video batch by batch, yielding each frame's labels once.
 
@@ -324,6 +325,9 @@ class VideoSegmenter:
             key: identifies the video/clip for seeding (e.g. "<video_id>:<frame_offset>"), so a
                 video's labels do not depend on where or when it is processed.
             seconds: if given, wall-clock seconds per stage are added to it.
+            context_frames: the first frames are context only (e.g. a ground-truth anchor whose
+                labels are out already): they take part in clustering and memory but are neither
+                modulated nor yielded.
 
         Yields:
             `BatchLabels` in frame order; a state update is written into `state` if given.
@@ -346,7 +350,9 @@ class VideoSegmenter:
         if state is not None and state.context:
             ctx.load_state_dict(state.context)
         t_total, (h_in, w_in) = frames.shape[0], frames.shape[-2:]
-        emitted = 0
+        if not 0 <= context_frames < t_total:
+            raise ValueError(f"Expected `context_frames` in [0, {t_total}), but got {context_frames}.")
+        emitted = context_frames
         control = AttentionControl()
 
         def tick(stage: str, t0: float) -> float:
@@ -402,14 +408,16 @@ class VideoSegmenter:
             if not per_frame:
                 ctx.update(feats, coarse)
             t0 = tick("cbr", t0)
-            # (B, H, W): the argmax is taken at the frames' own size
-            full = self._modulation.labels(record, coarse, size, (h_in, w_in))
+            # Frames before `new` were emitted by the previous batch (the overlapping last batch) or
+            # are context only (`context_frames`): they are not modulated or decoded again.
+            new = max(emitted, start) - start
+            # (B - new, H, W): the argmax is taken at the frames' own size
+            full = self._modulation.labels(record, coarse, size, (h_in, w_in), first=new)
             del record
             t0 = tick("modulation", t0)
-            new = max(emitted, start) - start
             # the "resize" stage (kept for logs and benchmarks) is now only the copy of the labels
             # to the CPU: the resize to the frames' size happens inside the modulation's argmax
-            labels, coarse_out = full[new:].cpu(), coarse[new:].cpu()
+            labels, coarse_out = full.cpu(), coarse[new:].cpu()
             tick("resize", t0)
             yield BatchLabels(
                 indices=list(range(start + new, end)),

@@ -100,7 +100,9 @@ class SVDModulation(Modulation):
             original=lambda z: z[None],
         )
 
-    def _units(self, record: PassRecord, coarse: torch.Tensor) -> Iterator[UnitGroup]:
+    def _units(self, record: PassRecord, coarse: torch.Tensor, first: int = 0) -> Iterator[UnitGroup]:
+        # A unit spans the whole batch (the temporal attention mixes its frames), so context frames
+        # are modulated with the rest; only their decodes are skipped.
         b = coarse.shape[0]
         values = coarse.unique()  # ascending
         masks = (coarse[None] == values.view(-1, 1, 1, 1)).float()  # (L, B, h, w)
@@ -117,5 +119,8 @@ class SVDModulation(Modulation):
         )  # (2L, B, 4, h8, w8)
         for i, label in enumerate(values.tolist()):  # ascending: a tie keeps the smaller label
             frames = present[i].nonzero().flatten()
+            frames = frames[frames >= first]
+            if not frames.numel():
+                continue
             latents = torch.cat([finals[2 * i, frames], finals[2 * i + 1, frames]])
             yield latents, frames, masks[i, frames], torch.full((frames.numel(),), label)

@@ -295,7 +295,7 @@ class VideoLabeller:
         stage_seconds: dict[str, float] = {}  # filled by the segmenter, per stage
         # (frames, direction, state, seed key)
         passes = [(frames[anchor:], 1, state, seed_key(vid, clip.frame_offset + anchor))]
-        if anchor > 0:
+        if anchor > 0:  # backwards from the anchor, whose labels the forward pass gave (context only)
             back_key = seed_key(f"{vid}:backward", clip.frame_offset + anchor)
             passes.append((frames[: anchor + 1].flip(0), -1, VideoState(), back_key))
         done = 0
@@ -305,26 +305,25 @@ class VideoLabeller:
         self._tell(vid, 0, t)  # the video starts
         for part_frames, direction, part_state, key in passes:
             for part in self.segmenter.iter_segment(
-                part_frames, gt_frame, part_state, key=key, seconds=stage_seconds
+                part_frames,
+                gt_frame,
+                part_state,
+                key=key,
+                seconds=stage_seconds,
+                context_frames=int(direction < 0),
             ):
                 labels = part.labels
-                keep = list(range(len(part.indices)))
-                if direction < 0:  # frame i of the reversed clip is frame anchor - i; the anchor is done
-                    keep = [j for j, i in enumerate(part.indices) if i > 0]
-                    indices, labels = [anchor - part.indices[j] for j in keep], labels[keep]
-                else:
-                    indices = [anchor + i for i in part.indices]
+                # frame i of the reversed clip is frame anchor - i (the anchor, i = 0, is context there)
+                indices = [anchor + direction * i for i in part.indices]
                 if labels.numel() and out.dtype == torch.uint8 and int(labels.max()) > 255:
                     out = out.to(torch.int32)
                 out[indices] = labels.to(out.dtype)
                 if part.features is not None:
-                    rows = torch.tensor(keep, dtype=torch.long)
-                    on_device = rows.to(part.features.device)
                     clip_sums.add(
-                        part.features[on_device],
-                        part.coarse[rows],
+                        part.features,
+                        part.coarse,
                         [clip.frame_offset + i for i in indices],
-                        part.class_scores[on_device] if part.class_scores is not None else None,
+                        part.class_scores,
                     )
                 done += len(indices)
                 self._tell(vid, done, t)
