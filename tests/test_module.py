@@ -43,7 +43,7 @@ class FakeSegmenter(VideoSegmenter):
     def load(self, device="cpu"):
         return self
 
-    def iter_segment(self, frames, first_frame_gt=None, state=None, key="", seconds=None):
+    def iter_segment(self, frames, first_frame_gt=None, state=None, key="", seconds=None, context_frames=0):
         self.calls.append(
             dict(key=key, state=state, context=dict(state.context), gt=first_frame_gt,
                  budget=(self._sampler.max_batch_images, self._sampler.vae_batch_images))
@@ -53,7 +53,7 @@ class FakeSegmenter(VideoSegmenter):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
         t, h, w = frames.shape[0], frames.shape[-2], frames.shape[-1]
         offset = int(key.rsplit(":", 1)[1])
-        for start in range(0, t, 2):
+        for start in range(context_frames, t, 2):  # context frames are not emitted
             idx = list(range(start, min(start + 2, t)))
             labels = torch.tensor([(offset + i) % 4 for i in idx]).view(-1, 1, 1).expand(-1, h, w)
             yield BatchLabels(indices=idx, labels=labels.clone(), coarse=torch.zeros(len(idx), 2, 2))

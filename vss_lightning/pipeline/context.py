@@ -6,6 +6,8 @@ that labels every frame of the batch. After each batch the memory is replaced by
 and refined labels, so it never holds more than one batch whatever the video length.
 
 The KNN classifier is `knn.knn_predict` (scikit-learn's `KNeighborsClassifier`, ties included).
+K-Means runs in scikit-learn on the CPU, or on a GPU with `torch_kmeans` (the same algorithm and draws,
+issue #19); see `kmeans`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from sklearn.cluster import KMeans
 from torch import Tensor
 
 from .knn import knn_predict
+from .torch_kmeans import check_kmeans_arguments, torch_kmeans
+
+KMeansBackend = Literal["auto", "sklearn", "torch"]
+KMEANS_BACKENDS = ("auto", "sklearn", "torch")
 
 
 def linf_normalize(features: Tensor) -> Tensor:
@@ -33,10 +39,36 @@ def linf_normalize(features: Tensor) -> Tensor:
     return features / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+def resolve_kmeans_backend(backend: str, device: torch.device) -> Literal["sklearn", "torch"]:
+    """The K-Means implementation `backend` means for features on `device`.
+
+    Args:
+        backend: "sklearn", "torch", or "auto" ("torch" on a CUDA device, "sklearn" elsewhere).
+        device: the features' device.
+
+    Returns:
+        "sklearn" or "torch".
+    """
+    if backend not in KMEANS_BACKENDS:
+        raise ValueError(f"Expected the K-Means backend to be one of {KMEANS_BACKENDS}, but got {backend!r}.")
+    if backend == "auto":
+        return "torch" if device.type == "cuda" else "sklearn"
+    return backend  # type: ignore[return-value]
+
+
 def kmeans(
-    features: Tensor, num_clusters: int, n_init: int = 10, max_iter: int = 300, seed: int = 0
+    features: Tensor,
+    num_clusters: int,
+    n_init: int = 10,
+    max_iter: int = 300,
+    seed: int = 0,
+    backend: KMeansBackend = "auto",
 ) -> Tensor:
-    """K-Means with scikit-learn on float64 CPU data (the reference's clustering).
+    """K-Means with scikit-learn's algorithm on float64 data (the reference's clustering).
+
+    The "sklearn" backend runs scikit-learn's `KMeans` on the CPU; the "torch" backend runs
+    `torch_kmeans` on the features' device, no host copy of the features, with the same clusters (the
+    same ids) except where distances tie to the last bits (duplicate points, symmetric data).
 
     Args:
         features: (N, C) features.
@@ -44,29 +76,24 @@ def kmeans(
         n_init: K-Means restarts; the best inertia wins.
         max_iter: Lloyd iterations per restart.
         seed: `random_state`; the same seed gives the same clusters.
+        backend: "sklearn", "torch", or "auto": "torch" for features on a CUDA device, "sklearn"
+            otherwise (so CPU results do not depend on this argument).
 
     Returns:
         (N,) int64 cluster ids in [0, K) on `features.device`.
     """
-    if features.ndim != 2:
-        raise ValueError(
-            f"Expected `features` to be an (N, C) tensor, but got shape {tuple(features.shape)}."
-        )
-    n = features.shape[0]
-    if not 1 <= num_clusters <= n:
-        raise ValueError(
-            f"Expected `num_clusters` to be between 1 and the number of points ({n}), but got "
-            f"{num_clusters}. Lower the number of clusters or cluster more frames."
-        )
-    if n_init < 1:
-        raise ValueError(f"Expected `n_init` to be at least 1, but got {n_init}.")
+    check_kmeans_arguments(features, num_clusters, n_init, max_iter)
+    if resolve_kmeans_backend(backend, features.device) == "torch":
+        return torch_kmeans(features, num_clusters, n_init=n_init, max_iter=max_iter, seed=seed).labels
     data = features.detach().to("cpu", torch.float64).numpy()
     model = KMeans(n_clusters=num_clusters, n_init=n_init, max_iter=max_iter, random_state=seed)
     labels = model.fit_predict(data)
     return torch.from_numpy(labels.astype(np.int64)).to(features.device)
 
 
-def per_frame_kmeans(features: Tensor, num_clusters: int, n_init: int, seed: int) -> Tensor:
+def per_frame_kmeans(
+    features: Tensor, num_clusters: int, n_init: int, seed: int, backend: KMeansBackend = "auto"
+) -> Tensor:
     """The frame-by-frame baseline: K-Means on each frame independently (no context model).
 
     Cluster ids are not consistent across frames; that is what the baseline shows.
@@ -76,13 +103,17 @@ def per_frame_kmeans(features: Tensor, num_clusters: int, n_init: int, seed: int
         num_clusters: K per frame.
         n_init: K-Means restarts.
         seed: K-Means seed (the same for every frame).
+        backend: the K-Means backend (`kmeans`).
 
     Returns:
         (B, h, w) int64 cluster ids on `features.device`.
     """
     _check_grid_features(features)
     b, h, w, c = features.shape
-    labels = [kmeans(frame.reshape(h * w, c), num_clusters, n_init=n_init, seed=seed) for frame in features]
+    labels = [
+        kmeans(frame.reshape(h * w, c), num_clusters, n_init=n_init, seed=seed, backend=backend)
+        for frame in features
+    ]
     return torch.stack(labels).reshape(b, h, w)
 
 
@@ -176,6 +207,8 @@ class SceneContextModel:
         mode: "cluster" (labels are cluster ids) or "first_frame_gt" (each cluster takes the majority
             ground-truth class of frame 1; labels are class ids).
         ignore_index: the ground-truth value that carries no class.
+        kmeans_backend: the K-Means backend (`kmeans`): "auto" (torch on CUDA features, scikit-learn
+            otherwise), "sklearn" or "torch".
     """
 
     def __init__(
@@ -186,6 +219,7 @@ class SceneContextModel:
         seed: int = 0,
         mode: Literal["cluster", "first_frame_gt"] = "cluster",
         ignore_index: int = 255,
+        kmeans_backend: KMeansBackend = "auto",
     ) -> None:
         if num_clusters < 1:
             raise ValueError(f"Expected `num_clusters` to be at least 1, but got {num_clusters}.")
@@ -193,6 +227,10 @@ class SceneContextModel:
             raise ValueError(f"Expected `knn_k` to be at least 1, but got {knn_k}.")
         if kmeans_n_init < 1:
             raise ValueError(f"Expected `kmeans_n_init` to be at least 1, but got {kmeans_n_init}.")
+        if kmeans_backend not in KMEANS_BACKENDS:
+            raise ValueError(
+                f"Expected `kmeans_backend` to be one of {KMEANS_BACKENDS}, but got {kmeans_backend!r}."
+            )
         if mode not in ("cluster", "first_frame_gt"):
             raise ValueError(f"Expected `mode` to be 'cluster' or 'first_frame_gt', but got {mode!r}.")
         if mode == "cluster" and 0 <= ignore_index < num_clusters:
@@ -206,6 +244,7 @@ class SceneContextModel:
         self.seed = seed
         self.mode = mode
         self.ignore_index = ignore_index
+        self.kmeans_backend = kmeans_backend
         self._memory: Tensor | None = None  # (N, C)
         self._memory_labels: Tensor | None = None  # (N,)
 
@@ -236,7 +275,11 @@ class SceneContextModel:
         _check_grid_features(features)
         b, h, w, c = features.shape
         clusters = kmeans(
-            features.reshape(b * h * w, c), self.num_clusters, n_init=self.kmeans_n_init, seed=self.seed
+            features.reshape(b * h * w, c),
+            self.num_clusters,
+            n_init=self.kmeans_n_init,
+            seed=self.seed,
+            backend=self.kmeans_backend,
         )[: h * w].reshape(h, w)  # K-Means on the whole batch, frame 1's assignments
         if self.mode == "cluster":
             labels = clusters

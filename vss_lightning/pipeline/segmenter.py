@@ -346,6 +346,7 @@ class VideoSegmenter:
             seed=self.seed,
             mode=mode,
             ignore_index=c.ignore_index,
+            kmeans_backend=self.speed.kmeans_backend,
         )
         if state is not None and state.context:
             ctx.load_state_dict(state.context)
@@ -391,7 +392,9 @@ class VideoSegmenter:
                 scores = namer.scores(record.captured.pop(namer.step), grid)
                 t0 = tick("naming", t0)
             if per_frame:
-                coarse = per_frame_kmeans(feats, c.num_clusters, c.kmeans_n_init, self.seed)
+                coarse = per_frame_kmeans(
+                    feats, c.num_clusters, c.kmeans_n_init, self.seed, self.speed.kmeans_backend
+                )
             else:
                 if not ctx.initialised:
                     gt = None

@@ -168,6 +168,10 @@ class SpeedSettings:
             before the modulated layer instead of recomputing it (same labels, about a fifth less
             UNet work). None (the default): on where the family has it (Stable Diffusion), off
             otherwise; true with an SVD backbone is an error.
+        kmeans_backend: the K-Means of the context model: "sklearn" (CPU, the reference's), "torch"
+            (`torch_kmeans`: the same algorithm and random draws on the features' device, the same
+            clusters except at exact distance ties) or "auto" (torch on a CUDA device, so the GPU
+            never waits on a host copy; scikit-learn elsewhere).
     """
 
     max_batch_images: int = 56
@@ -176,8 +180,10 @@ class SpeedSettings:
     channels_last: bool = False
     compile_vae_decoder: bool = False
     reuse_prefix: bool | None = None
+    kmeans_backend: Literal["auto", "sklearn", "torch"] = "auto"
 
     def __post_init__(self) -> None:
+        _check_choice("speed.kmeans_backend", self.kmeans_backend, ("auto", "sklearn", "torch"))
         if self.max_batch_images < 2:
             raise ValueError(
                 f"Expected `speed.max_batch_images` to be at least 2, but got {self.max_batch_images}."
