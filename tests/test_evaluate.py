@@ -7,8 +7,10 @@ import io
 import json
 import math
 import re
+import shutil
 import subprocess
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +364,105 @@ def test_cli_num_classes_below_two_and_unwritable_out(dataset, tmp_path):
     [line] = proc.stderr.splitlines()
     assert line.startswith(f"error: Expected `--out` {str(out)!r} to be a writable file path, but writing")
     assert line.endswith("The metrics are printed above; pass another `--out`.")
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory) -> tuple[str, Path, Path]:
+    """Labelled synthetic shards ("a" in two clips, "b" in another shard) and the smoke config's `predict`
+    of them, once as png folders and once as label shards: (gt pattern, png folder, shards folder)."""
+    from shards import CLIP_FRAMES, make_shards, predict_args
+
+    from vss_lightning.cli import main as cli_main
+
+    root = tmp_path_factory.mktemp("predicted")
+    make_shards(root / "gt", [[("a", 5)], [("b", 2)]], clip_frames=CLIP_FRAMES, labelled=True)  # C = 4
+    gt, png, tars = str(root / "gt" / "*.tar"), root / "png", root / "tars"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest on a busy machine
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "LightningCLI's args parameter", UserWarning)
+            cli_main(predict_args(gt, png))
+            cli_main(predict_args(gt, tars, "--output_format", "shards"))
+    finally:
+        torch.set_num_threads(threads)
+    assert list(tars.glob("labels-rank*.tar")) and not list(tars.glob("*/*.png"))
+    return gt, png, tars
+
+
+def test_label_shards_score_as_the_same_labels_stored_as_png(predicted):
+    gt, png, tars = predicted
+    for matching in ("none", "video"):
+        results = []
+        for pred in (png, tars):
+            proc = run_cli("--pred", str(pred), "--gt", gt, "--matching", matching)
+            assert proc.returncode == 0, proc.stderr
+            results.append(json.loads(proc.stdout))
+        assert results[0] == results[1], matching  # every metric, per-class IoU and `missing`
+        assert (results[0]["frames"], results[0]["videos"], results[0]["missing"]) == (7, 2, [])
+        assert len(results[0]["per_class_iou"]) == 4
+
+
+def _copy_tar_without(src: Path, dst: Path, drop: tuple[str, ...]) -> None:
+    """Copy a tar, leaving out the members whose names start with one of `drop`."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for member in tin:
+            if not member.name.startswith(drop):
+                tout.addfile(member, tin.extractfile(member))
+
+
+def test_missing_video_and_frame_in_label_shards_behave_as_missing_pngs(predicted, tmp_path):
+    gt, png, tars = predicted
+    png_out, tar_out = tmp_path / "png", tmp_path / "tars"
+    shutil.copytree(png, png_out, ignore=shutil.ignore_patterns("b"))  # video "b" missing
+    (png_out / "a" / "a_f0004.png").unlink()  # and the frame of the second clip of "a"
+    tar_out.mkdir()
+    [tar] = sorted(tars.glob("labels-rank*.tar"))
+    _copy_tar_without(tar, tar_out / tar.name, ("b__", "a__c0001.00000.label.png"))
+    for pred in (png_out, tar_out):
+        with pytest.raises(
+            EvaluationError,
+            match=r"Expected a prediction .* \(128x192\) for labelled frame 'a_f0004' of video 'a', but it "
+            r"is missing. Predict every labelled frame, or pass `--missing as-wrong`",
+        ):
+            evaluate(str(pred), gt)
+    with pytest.raises(EvaluationError, match=rf"prediction in '{re.escape(str(tar_out / tar.name))}'"):
+        evaluate(str(tar_out), gt)  # the message names the tar
+    results = []
+    for pred in (png_out, tar_out):
+        proc = run_cli("--pred", str(pred), "--gt", gt, "--missing", "as-wrong")
+        assert proc.returncode == 0, proc.stderr
+        assert "'b_f0001' of video 'b' is missing; counted as wrong" in proc.stderr
+        results.append(json.loads(proc.stdout))
+    assert results[0] == results[1]
+    assert results[0]["missing"] == ["a/a_f0004.png", "b/b_f0000.png", "b/b_f0001.png"]
+    assert (results[0]["frames"], results[0]["videos"]) == (7, 2)  # scored, as wrong
+    shutil.rmtree(tar_out)
+    tar_out.mkdir()
+    _copy_tar_without(tar, tar_out / tar.name, ("b__",))  # only "b" missing: the error names it
+    proc = run_cli("--pred", str(tar_out), "--gt", gt)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"prediction in the label shards {str(tar_out / 'labels-rank*.tar')!r} (128x192)" in proc.stderr
+    assert "frame 'b_f0000' of video 'b'" in proc.stderr
+
+
+def test_a_folder_with_png_videos_and_label_shards_is_an_error(predicted, tmp_path):
+    gt, png, tars = predicted
+    both = tmp_path / "both"
+    shutil.copytree(tars, both)
+    shutil.copytree(png / "a", both / "a")
+    [tar] = sorted(both.glob("labels-rank*.tar"))
+    proc = run_cli("--pred", str(both), "--gt", gt)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        f"error: Expected `--pred` {str(both)!r} to hold one kind of predictions, png video folders "
+        f"(<video>/<frame>.png) or label shards (labels-rank*.tar), but it holds both: {str(both / 'a')!r} "
+        f"and {str(tar)!r}. Move one kind to another folder and pass that folder as `--pred`."
+    ) in proc.stderr
+    shutil.rmtree(both / "a")
+    shutil.copy(tar, both / "labels-rank001-000000.tar")  # one video in two tars
+    with pytest.raises(EvaluationError, match="Expected video 'a' in one label shard of `--pred`, but both"):
+        evaluate(str(both), gt)
+    (both / "labels-rank001-000000.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(EvaluationError, match=r"shard .*labels-rank001-000000.tar' to be a readable tar"):
+        evaluate(str(both), gt)

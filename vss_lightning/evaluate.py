@@ -1,4 +1,4 @@
-"""Score a directory of predicted label PNGs against labelled shards.
+"""Score predicted labels (png folders or label shards) against labelled shards.
 
     python -m vss_lightning.evaluate --pred DIR --gt shards/vspw-val [--num_classes 124]
 
@@ -9,8 +9,11 @@ that disagrees with either is an error.
 
 Predictions are read from `<pred>/<video_id>/<frame_name>.png` (single-channel uint8 or uint16; the
 frame name comes from the shard's `meta.frame_names`), so labels written earlier, or by another tool,
-can be scored. Only the labelled frames of each video (`meta.labelled`, as VSPW counts frames with a
-mask file) are read and scored; mVC_n uses them in order. Clips of one video are joined (in
+can be scored; or, when `<pred>` holds label shards (`labels-rank*.tar` of `predict` or `vocabulary
+apply` with `--output_format shards`), from their `<i>.label.png` members, read by offset (nothing is
+extracted) and scored exactly as the same labels stored as png. A folder holding both kinds is
+refused. Only the labelled frames of each video (`meta.labelled`, as VSPW counts frames with a mask
+file) are read and scored; mVC_n uses them in order. Clips of one video are joined (in
 `clip_index` order) before scoring, so per-video matching and mVC_n see the whole video.
 
 The JSON result (printed, and written to `--out` if given) has `mIoU`, `pixel_acc`, `mVC8`, `mVC16`,
@@ -25,13 +28,16 @@ input a user gives (each error names the file and the fix); the metrics themselv
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import math
 import os
 import sys
+import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -43,6 +49,7 @@ from vss_lightning.data.format import IGNORE_INDEX, VideoMeta, decode_sample
 from vss_lightning.data.reader import tar_samples
 from vss_lightning.data.shards import MANIFEST, dataset_info, resolve_shards
 from vss_lightning.metrics import VideoSegmentationMetrics
+from vss_lightning.vocabulary.corpus import LABEL_SHARDS, ShardVideo, tar_videos
 
 PRED_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
 GT_ARG = "--gt"
@@ -171,22 +178,137 @@ def read_prediction(path: str, size: tuple[int, int]) -> np.ndarray | str:
     """
     if not os.path.isfile(path):
         return "missing"
-    try:
-        with Image.open(path, formats=["PNG"]) as img:  # the header; pixels only when mode and size fit
+    return decode_prediction(path, size, repr(path))
+
+
+def decode_prediction(source: str | bytes, size: tuple[int, int], what: str) -> np.ndarray | str:
+    """Decode one predicted label PNG (a file, or the bytes of a label shard's member).
+
+    Args:
+        source: the file's path, or the encoded PNG.
+        size: expected (H, W).
+        what: names the prediction in messages (a quoted path, or the frame, video and tar).
+
+    Returns:
+        (H, W) int64 ids, or a string saying that the prediction has the wrong size.
+
+    Raises:
+        EvaluationError: if it is not a readable single-channel PNG.
+    """
+    try:  # the header; pixels only when mode and size fit
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=["PNG"]) as img:
             mode, got = img.mode, (img.height, img.width)
             array = np.asarray(img) if mode in PRED_MODES and got == tuple(size) else None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise EvaluationError(
-            f"Expected prediction {path!r} to be a readable PNG, but got {type(e).__name__}: {e}."
+            f"Expected prediction {what} to be a readable PNG, but got {type(e).__name__}: {e}."
         ) from e
     if mode not in PRED_MODES:
         raise EvaluationError(
-            f"Expected prediction {path!r} to be a single-channel uint8/uint16 PNG of ids, but got mode "
+            f"Expected prediction {what} to be a single-channel uint8/uint16 PNG of ids, but got mode "
             f"{mode!r}. Save class (or cluster) ids, not colours."
         )
     if array is None:
         return f"size {got[0]}x{got[1]}, expected {size[0]}x{size[1]} (H x W)"
     return array.astype(np.int64)
+
+
+@dataclass
+class PngPredictions:
+    """Predictions as `<root>/<video_id>/<frame_name>.png` (`--output_format png`)."""
+
+    root: str
+
+    def read(self, video_id: str, name: str, size: tuple[int, int]) -> tuple[np.ndarray | str, str]:
+        """The (H, W) ids of one frame (or why they are missing), and how messages name the prediction."""
+        path = os.path.join(self.root, video_id, f"{name}.png")
+        return read_prediction(path, size), repr(path)
+
+
+@dataclass
+class ShardPredictions:
+    """Predictions as the `<i>.label.png` members of label shards (`--output_format shards`).
+
+    Attributes:
+        root: the folder of the `labels-rank*.tar` files.
+        videos: video id -> where its labels lie (`vocabulary.corpus.ShardVideo`).
+    """
+
+    root: str
+    videos: dict[str, ShardVideo]
+
+    def read(self, video_id: str, name: str, size: tuple[int, int]) -> tuple[np.ndarray | str, str]:
+        """The (H, W) ids of one frame (or why they are missing), and how messages name the prediction."""
+        video = self.videos.get(video_id)
+        if video is None:
+            return "missing", f"in the label shards {os.path.join(self.root, LABEL_SHARDS)!r}"
+        where = f"in {str(video.tar)!r}"
+        if name not in video.labels:
+            return "missing", where
+        try:
+            data = video.label_bytes(name)
+        except OSError as e:
+            raise EvaluationError(
+                f"Expected label shard {str(video.tar)!r} to be readable, but reading frame {name!r} of "
+                f"video {video_id!r} failed: {e.strerror or e}. Rerun the `predict` that wrote it."
+            ) from e
+        return decode_prediction(data, size, f"{where} of frame {name!r} of video {video_id!r}"), where
+
+
+Predictions = PngPredictions | ShardPredictions
+
+
+def _png_video_folder(pred_dir: str) -> str | None:
+    """The first subfolder of `pred_dir` that holds a `.png` file (a png video folder), if any."""
+    with os.scandir(pred_dir) as entries:
+        folders = sorted(e.path for e in entries if e.is_dir())
+    for folder in folders:
+        try:
+            with os.scandir(folder) as files:
+                if any(f.name.endswith(".png") and f.is_file() for f in files):
+                    return folder
+        except OSError:  # unreadable: not a video folder evaluation could read either
+            continue
+    return None
+
+
+def open_predictions(pred_dir: str) -> Predictions:
+    """The predictions in `pred_dir`: png video folders, or label shards when it holds `labels-rank*.tar`.
+
+    Raises:
+        EvaluationError: if `pred_dir` is not a directory, holds both kinds, a label tar cannot be read,
+            or two label tars hold one video.
+    """
+    if not os.path.isdir(pred_dir):
+        raise EvaluationError(f"Expected `--pred` to be a directory, but got {pred_dir!r}.")
+    tars = sorted(Path(pred_dir).glob(LABEL_SHARDS))
+    if not tars:
+        return PngPredictions(pred_dir)
+    folder = _png_video_folder(pred_dir)
+    if folder is not None:
+        raise EvaluationError(
+            f"Expected `--pred` {pred_dir!r} to hold one kind of predictions, png video folders "
+            f"(<video>/<frame>.png) or label shards ({LABEL_SHARDS}), but it holds both: {folder!r} and "
+            f"{str(tars[0])!r}. Move one kind to another folder and pass that folder as `--pred`."
+        )
+    videos: dict[str, ShardVideo] = {}
+    for tar in tars:
+        try:
+            found = tar_videos(tar)
+        except (tarfile.TarError, OSError, ValueError, KeyError, TypeError) as e:
+            raise EvaluationError(
+                f"Expected label shard {str(tar)!r} to be a readable tar of `predict --output_format "
+                f"shards`, but reading it failed ({type(e).__name__}: {e}). Rerun the `predict` that wrote "
+                "it, or move the file out of `--pred`."
+            ) from e
+        for video in found:
+            first = videos.setdefault(video.video_id, video)
+            if first is not video:
+                raise EvaluationError(
+                    f"Expected video {video.video_id!r} in one label shard of `--pred`, but both "
+                    f"{str(first.tar)!r} and {str(tar)!r} hold it. Move one of them out of {pred_dir!r}."
+                )
+    return ShardPredictions(pred_dir, videos)
 
 
 def _resolve_num_classes(
@@ -242,10 +364,12 @@ def evaluate(
     max_pred_ids: int = 256,
     names: dict[int, str] | None = None,
 ) -> dict[str, Any]:
-    """Score `<pred_dir>/<video_id>/<frame_name>.png` against the labelled shards `gt` names.
+    """Score `<pred_dir>/<video_id>/<frame_name>.png` (or the label shards in `pred_dir`) against the
+    labelled shards `gt` names.
 
     Args:
-        pred_dir: directory of predictions.
+        pred_dir: directory of predictions: png video folders, or the `labels-rank*.tar` label shards of
+            `--output_format shards` (`open_predictions`).
         gt: the labelled WebDataset shards: a folder with the `manifest.json` of data_tools, a brace
             pattern, a glob, a url, or a list of these (`data.shards.resolve_shards`).
         num_classes: C; None takes the shards' `manifest.json` value, else their metadata's.
@@ -260,17 +384,17 @@ def evaluate(
 
     Returns:
         The metrics of `VideoSegmentationMetrics.compute` (NaN where undefined) plus `missing`, the
-        list of predictions counted as wrong (`<video_id>/<frame_name>.png`).
+        list of predictions counted as wrong (`<video_id>/<frame_name>.png`, for label shards too).
 
     Raises:
         EvaluationError: on input that cannot be scored, e.g. `gt` naming no shard, `num_classes`
             below 2, disagreeing with the shards (or missing where they do not record it), or a
-            ground-truth id outside `[0, num_classes)` other than `ignore_index`.
+            ground-truth id outside `[0, num_classes)` other than `ignore_index`, or `pred_dir` holding
+            both png video folders and label shards.
     """
     if missing not in ("error", "as-wrong"):
         raise EvaluationError(f"Expected `missing` to be 'error' or 'as-wrong', but got {missing!r}.")
-    if not os.path.isdir(pred_dir):
-        raise EvaluationError(f"Expected `--pred` to be a directory, but got {pred_dir!r}.")
+    predictions = open_predictions(pred_dir)
     try:
         urls, expected = resolve_shards(gt if isinstance(gt, str) else list(gt), GT_ARG)
         info = dataset_info(urls, GT_ARG)
@@ -304,18 +428,20 @@ def evaluate(
         num_frames, height, width = video.labels.shape
         preds = torch.full((num_frames, height, width), -1, dtype=torch.long)  # -1: no prediction
         for t, name in enumerate(video.frame_names):
-            rel = f"{video.video_id}/{name}.png"
-            path = os.path.join(pred_dir, video.video_id, f"{name}.png")
-            pred = read_prediction(path, (height, width))
+            pred, where = predictions.read(video.video_id, name, (height, width))
             if isinstance(pred, str):
                 if missing == "error":
                     raise EvaluationError(
-                        f"Expected a prediction {path!r} ({height}x{width}) for labelled frame {name!r} of "
+                        f"Expected a prediction {where} ({height}x{width}) for labelled frame {name!r} of "
                         f"video {video.video_id!r}, but it is {pred}. Predict every labelled frame, or pass "
                         "`--missing as-wrong` to count it as wrong."
                     )
-                print(f"warning: {path}: {pred}; counted as wrong", file=sys.stderr)
-                missed.append(rel)
+                print(
+                    f"warning: prediction {where} for frame {name!r} of video {video.video_id!r} is {pred}; "
+                    "counted as wrong",
+                    file=sys.stderr,
+                )
+                missed.append(f"{video.video_id}/{name}.png")
                 continue
             preds[t] = (
                 torch.from_numpy(pred)
@@ -372,7 +498,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m vss_lightning.evaluate", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--pred", required=True, help="directory of <video_id>/<frame_name>.png predictions")
+    parser.add_argument(
+        "--pred",
+        required=True,
+        help="directory of <video_id>/<frame_name>.png predictions, or of label shards (labels-rank*.tar)",
+    )
     parser.add_argument(
         "--gt",
         required=True,

@@ -137,7 +137,11 @@ class ShardVideo:
         return VideoPrototypes.from_bytes(self._read(self.prototypes_member), meta, self.where)
 
     def label(self, name: str) -> np.ndarray:
-        return _read_png(self._read(self.labels[name]))
+        return _read_png(self.label_bytes(name))
+
+    def label_bytes(self, name: str) -> bytes:
+        """The encoded `<i>.label.png` member of frame `name` (KeyError if the video has none for it)."""
+        return self._read(self.labels[name])
 
     def clip_meta(self, index: int) -> bytes | None:
         """The `meta.json` of the video's clip `index` (its position among the video's samples)."""
@@ -157,31 +161,40 @@ def _png_videos(root: Path) -> Iterator[PngVideo]:
 def shard_videos(root: Path) -> Iterator[ShardVideo]:
     """The videos of the finished label shards in `root`, one scan of each tar's headers."""
     for path in sorted(root.glob(LABEL_SHARDS)):
-        samples: dict[str, dict[str, tuple[int, int]]] = {}  # key -> member -> (offset, size)
-        records: dict[str, dict] = {}  # key -> its labels.json
-        with tarfile.open(path, "r:") as tar:  # our own output: a plain tar
-            for info in tar:
-                if not info.isreg() or "." not in info.name:
-                    continue
-                key, member = info.name.split(".", 1)
-                samples.setdefault(key, {})[member] = (info.offset_data, info.size)
-                if member == "labels.json":
-                    records[key] = json.loads(tar.extractfile(info).read())
-        videos: dict[str, ShardVideo] = {}
-        for key, members in samples.items():  # tar order: a video's clips in order
-            record = records.get(key)
-            if record is None:
+        yield from tar_videos(path)
+
+
+def tar_videos(path: Path) -> list[ShardVideo]:
+    """The videos of one label tar, sorted by id, from one scan of its headers and `labels.json` members.
+
+    Raises:
+        tarfile.TarError, OSError, ValueError, KeyError: if the tar or a `labels.json` is unreadable.
+    """
+    samples: dict[str, dict[str, tuple[int, int]]] = {}  # key -> member -> (offset, size)
+    records: dict[str, dict] = {}  # key -> its labels.json
+    with tarfile.open(path, "r:") as tar:  # our own output: a plain tar
+        for info in tar:
+            if not info.isreg() or "." not in info.name:
                 continue
-            vid = str(record["video_id"])
-            video = videos.setdefault(vid, ShardVideo(path, vid))
-            video.records.append(record)
-            video.metas.append(members.get("meta.json"))
-            for i, name in enumerate(record.get("frame_names") or []):
-                if f"{i:05d}.label.png" in members:
-                    video.labels[name] = members[f"{i:05d}.label.png"]
-            if PROTOTYPES in members:
-                video.prototypes_member = members[PROTOTYPES]
-        yield from (videos[v] for v in sorted(videos))
+            key, member = info.name.split(".", 1)
+            samples.setdefault(key, {})[member] = (info.offset_data, info.size)
+            if member == "labels.json":
+                records[key] = json.loads(tar.extractfile(info).read())
+    videos: dict[str, ShardVideo] = {}
+    for key, members in samples.items():  # tar order: a video's clips in order
+        record = records.get(key)
+        if record is None:
+            continue
+        vid = str(record["video_id"])
+        video = videos.setdefault(vid, ShardVideo(path, vid))
+        video.records.append(record)
+        video.metas.append(members.get("meta.json"))
+        for i, name in enumerate(record.get("frame_names") or []):
+            if f"{i:05d}.label.png" in members:
+                video.labels[name] = members[f"{i:05d}.label.png"]
+        if PROTOTYPES in members:
+            video.prototypes_member = members[PROTOTYPES]
+    return [videos[v] for v in sorted(videos)]
 
 
 def find_videos(labels: list[Path]) -> Iterator[Video]:
