@@ -105,3 +105,36 @@ def test_injection_shape_mismatch_is_a_clear_error(tiny_backbone):
         control.inject = rec
         with pytest.raises(ValueError, match="Expected injected q/k"):
             _unet_out(bb, torch.randn(4, 4, 16, 24))
+
+
+def test_injected_layers_skip_their_q_k_projections_with_the_same_output(tiny_backbone):
+    """An injected layer's own q/k would be replaced: they are not computed (no to_q/to_k call), and the
+    output is bit-identical to computing them first (forced here by also recording the layer)."""
+    bb = tiny_backbone
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randn(2, 4, 16, 24, generator=g), torch.randn(2, 4, 16, 24, generator=g)
+    layers = decoder_attention_layers(bb.unet)
+    calls = []
+    hooks = [
+        bb.unet.get_submodule(f"{n}.{proj}").register_forward_hook(lambda *_: calls.append(1))
+        for n in layers
+        for proj in ("to_q", "to_k")
+    ]
+    control = AttentionControl()
+    try:
+        with installed_processors(bb.unet, layers, control):
+            control.record = set(layers)
+            _unet_out(bb, x1)
+            recorded = dict(control.recorded)
+            control.reset()
+            control.inject, control.record = recorded, set(layers)  # computes q/k, then replaces them
+            computed = _unet_out(bb, x2)
+            control.reset()
+            calls.clear()
+            control.inject = recorded
+            skipped = _unet_out(bb, x2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
+    assert torch.equal(skipped, computed)

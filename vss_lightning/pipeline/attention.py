@@ -6,7 +6,8 @@ the method touches. It computes exactly what `AttnProcessor2_0` computes and, de
 
 - record the query and key of a layer (the unmodulated pass keeps them for injection),
 - capture the query as a feature map (the segmentation features),
-- inject a recorded query and key (so QK^T is that of the unmodulated pass),
+- inject a recorded query and key (so QK^T is that of the unmodulated pass; the layer's own q/k
+  projections are then skipped),
 - add a modulation term to the attention output, after the output projection and before the
   transformer block's residual add.
 
@@ -145,36 +146,47 @@ class ControlledAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)  # (batch, tokens, inner)
-        if self.name in ctl.capture:
-            ctl.captured[self.name] = query
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        inner_dim = key.shape[-1]
+        inner_dim = value.shape[-1]
         head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, N, d)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        if self.name in ctl.record:
-            ctl.recorded[self.name] = (query, key)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, L, d)
         injected = ctl.inject.get(self.name)
-        if injected is not None:
+        if injected is not None and self.name not in ctl.capture and self.name not in ctl.record:
+            # q and k would be replaced: their projections are not computed at all (exact)
             q_in, k_in = injected
-            if q_in.shape != query.shape or k_in.shape != key.shape:
+            want_q = (batch_size, attn.heads, hidden_states.shape[1], head_dim)
+            want_k = (batch_size, attn.heads, encoder_hidden_states.shape[1], head_dim)
+            if tuple(q_in.shape) != want_q or tuple(k_in.shape) != want_k:
                 raise ValueError(
-                    f"Expected injected q/k of `{self.name}` to have shapes {tuple(query.shape)} and "
-                    f"{tuple(key.shape)}, but got {tuple(q_in.shape)} and {tuple(k_in.shape)}."
+                    f"Expected injected q/k of `{self.name}` to have shapes {want_q} and {want_k}, but got "
+                    f"{tuple(q_in.shape)} and {tuple(k_in.shape)}."
                 )
-            query, key = q_in.to(query.dtype), k_in.to(key.dtype)
+            query, key = q_in.to(value.dtype), k_in.to(value.dtype)
+        else:
+            query = attn.to_q(hidden_states)  # (batch, tokens, inner)
+            if self.name in ctl.capture:
+                ctl.captured[self.name] = query
+            key = attn.to_k(encoder_hidden_states)
+            query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, N, d)
+            key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if self.name in ctl.record:
+                ctl.recorded[self.name] = (query, key)
+            if injected is not None:
+                q_in, k_in = injected
+                if q_in.shape != query.shape or k_in.shape != key.shape:
+                    raise ValueError(
+                        f"Expected injected q/k of `{self.name}` to have shapes {tuple(query.shape)} and "
+                        f"{tuple(key.shape)}, but got {tuple(q_in.shape)} and {tuple(k_in.shape)}."
+                    )
+                query, key = q_in.to(query.dtype), k_in.to(key.dtype)
 
         hidden_states = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
