@@ -364,3 +364,28 @@ def test_vocabulary_name_needs_class_scores(tmp_path):
     )
     with pytest.raises(SystemExit):
         vocabulary_main(["name", "--labels", str(tmp_path / "out"), "--vocab", str(tmp_path / "v")])
+
+
+def test_the_real_loader_keeps_a_text_encoder_for_naming(tmp_path):
+    """`StableDiffusion(local folder)` (the real loading code) keeps its tokenizer and text encoder, and a
+    segmenter on it names with them."""
+    import shutil
+
+    from test_backbone import _save_tiny_checkpoint
+
+    from vss_lightning.pipeline.backbone import StableDiffusion
+    from vss_lightning.pipeline.random_backbones import char_tokenizer
+
+    _save_tiny_checkpoint(tmp_path)
+    shutil.rmtree(tmp_path / "tokenizer")
+    char_tokenizer().save_pretrained(tmp_path / "tokenizer")  # letters: every class name tokenizes
+    seg = VideoSegmenter(
+        StableDiffusion(str(tmp_path), dtype="float32"), context=ContextSettings(batch_size=2, num_clusters=2)
+    ).load()
+    assert seg._loaded.prompts is not None
+    seg.enable_naming(["road", "sky"])
+    frames = torch.randint(
+        0, 255, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    (out,) = list(seg.iter_segment(frames))
+    assert out.class_scores.shape == (2, 4, 4, 2) and bool((out.class_scores > 0).all())
