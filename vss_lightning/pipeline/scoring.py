@@ -88,11 +88,11 @@ class LabelVote:
             labels: (n,) label of each map.
         """
         up = resize_maps(maps.to(self.scores.device, torch.float32), self.size)  # (n, H, W)
-        for i in range(up.shape[0]):
-            f = int(frames[i])
+        # one host read of the indices per call (not two per map: on a GPU each would be a sync)
+        for i, (f, label) in enumerate(zip(frames.tolist(), labels.tolist(), strict=True)):
             better = up[i] > self.scores[f]
             self.scores[f] = torch.where(better, up[i], self.scores[f])
-            self.best[f] = torch.where(better, int(labels[i]), self.best[f])
+            self.best[f] = torch.where(better, label, self.best[f])
 
 
 def filter_by_mask(d: torch.Tensor, masks: torch.Tensor, strength: float) -> torch.Tensor:
