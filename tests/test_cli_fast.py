@@ -36,8 +36,60 @@ with contextlib.redirect_stdout(out):
         code = e.code
 after = "torch" in sys.modules
 schema = cli_schema_build.build_schema()
-print(json.dumps({"schema": schema, "help": out.getvalue(), "code": code, "before": before, "after": after}))
+# The full parser's `--print_config` of each command line of argv[1] (after build_schema, which renders
+# the help texts before anything imports more classes).
+from vss_lightning import lightning_cli
+parser = cli_schema_build._grab_parser(lightning_cli, "vss-lightning", cli.epilog("vss-lightning"))
+printed = [cli_schema_build.real_print_config(parser, argv) for argv in json.loads(sys.argv[1])]
+print(json.dumps({"schema": schema, "help": out.getvalue(), "code": code, "before": before, "after": after,
+                  "printed": printed}))
 """
+
+
+SEG = "--model.segmenter.init_args."
+TINY = "vss_lightning.pipeline.random_backbones.TinyStableDiffusion"
+SVD = "vss_lightning.pipeline.svd.StableVideoDiffusion"
+OVERLAY = """# batch size and a seed for the segmenter of the config before (its class stays)
+model:
+  segmenter:
+    init_args:
+      seed: 5
+      context: {batch_size: 7}
+      modulation: {strength: 50}
+"""
+
+
+def print_config_cases(folder) -> dict[str, list[list[str]]]:
+    """Command lines of `--print_config`: `fast` ones the snapshot answers, `deferred` ones it leaves to
+    the full parser (classes it does not describe, values it cannot read or the parser refuses)."""
+    overlay = folder / "overlay.yaml"
+    overlay.write_text(OVERLAY, encoding="utf-8")
+    configs = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "multinode.yaml")  # an overlay (DDP)
+    vspw, svd = str(CONFIGS / "vspw.yaml"), str(CONFIGS / "smoke_svd.yaml")
+    fast = [[sub, "--config", str(c), "--print_config"] for c in configs for sub in cli.SUBCOMMANDS]
+    fast += [
+        ["predict", "--print_config"],
+        ["predict", "--print_config", "--config", SMOKE, "--data.num_workers", "3"],  # anywhere
+        ["predict", "--config", SMOKE, "--config", str(overlay), "--print_config"],
+        ["test", "--config", vspw, SEG + "backbone.class_path", TINY, SEG + "backbone.init_args.seed", "3",
+         "--print_config"],
+        ["predict", "--config", svd, SEG + "backbone.class_path", SVD, "--print_config"],
+        ["predict", "--config", SMOKE, SEG + "context.batch_size", "9", SEG + "sampling.guidance_scale", "3",
+         SEG + "features.blocks", "[5, 6]", "--model.label_mode", "first_frame_gt", "--print_config"],
+        ["validate", "--config", SMOKE, SEG + "modulation.strength=2.5", "--output_dir", "out/x",
+         "--write_previews", "--data.shards", "a/b", "--trainer.max_epochs", "null", "--print_config"],
+    ]  # fmt: skip
+    deferred = [
+        ["predict", "--config", vspw, "--config", str(CONFIGS / "multinode.yaml"), "--print_config"],
+        ["predict", "--config", vspw, "--config", str(CONFIGS / "logger" / "wandb.yaml"), "--print_config"],
+        ["predict", "--config", SMOKE, "--output_dir", "123", "--trainer.devices", "2", "--print_config"],
+        ["predict", "--config", SMOKE, SEG + "context.batch_size", "abc", "--print_config"],
+        ["predict", "--config", SMOKE, "--model.label_mode", "nope", "--print_config"],
+        ["predict", "--config", SMOKE, "--print_config=skip_default"],
+        ["predict", "--config", SMOKE, SEG + "backbone.class_path", "my.Backbone", "--print_config"],
+        ["predict", SEG + "context.batch_size", "5", "--print_config"],  # no segmenter class yet
+    ]
+    return {"fast": fast, "deferred": deferred}
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +100,14 @@ def fresh(tmp_path_factory) -> dict:
     stale.write_text(json.dumps({"format": cli_schema.FORMAT, "versions": {"lightning": "0.0"}}))
     env = subprocess_env(VSS_LIGHTNING_CACHE="off", VSS_LIGHTNING_SCHEMA=str(stale))
     env.pop("COLUMNS", None)
-    done = subprocess.run([sys.executable, "-c", RENDER], capture_output=True, text=True, env=env,
-                          timeout=600)  # fmt: skip
+    cases = print_config_cases(folder)
+    argvs = cases["fast"] + cases["deferred"]
+    done = subprocess.run([sys.executable, "-c", RENDER, json.dumps(argvs)], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["cases"] = cases
+    result["print_config"] = dict(zip(map(tuple, argvs), result.pop("printed"), strict=True))
     result["path"] = folder / "fresh.json"
     result["path"].write_text(cli_schema_build.dumps(result["schema"]), encoding="utf-8")
     return result
@@ -230,3 +286,39 @@ def test_the_fast_path_and_the_full_parser_share_one_did_you_mean(fresh):
     }  # fmt: skip
     for message, suggestion in expected.items():
         assert cli_schema.did_you_mean(message, known) == suggestion, message
+
+
+def test_print_config_from_the_snapshot_is_the_full_parsers_byte_for_byte(fresh, monkeypatch):
+    """Every config (each subcommand) and overrides of a nested int, a float, a list, a Literal, null, a
+    flag, a backbone class switch with its init_args, an overlay config: the snapshot prints exactly
+    what the full parser printed; what it cannot apply for sure is left to the full parser."""
+    schema = fresh["schema"]
+    for argv in fresh["cases"]["fast"]:
+        code, out, err = fresh["print_config"][tuple(argv)]
+        assert code == 0 and err == "", (argv, err)
+        for prog in cli_schema.PROGS:
+            assert cli_schema.print_config(argv, prog, schema) == out, argv
+    for argv in fresh["cases"]["deferred"]:
+        assert cli_schema.print_config(argv, "vss-lightning", schema) is None, argv
+    codes = [fresh["print_config"][tuple(argv)][0] for argv in fresh["cases"]["deferred"]]
+    assert codes == [0, 0, 0, 2, 2, 0, 2, 0]  # refused values: the full parser's error
+    argv = fresh["cases"]["fast"][0]
+    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "true")  # defaults from the environment
+    assert cli_schema.print_config(argv, "vss-lightning", schema) is None
+    monkeypatch.delenv("JSONARGPARSE_DEFAULT_ENV")
+    assert cli_schema.print_config(argv, "vss-lightning", schema) is not None
+    for other in (["predict", "--config", SMOKE, "--print_config", "--help"], ["--print_config"], argv[:-1]):
+        assert cli_schema.print_config(other, "vss-lightning", schema) is None
+
+
+def test_print_config_imports_no_heavy_library(fresh, tmp_path):
+    fast = fresh["cases"]["fast"]
+    calls = [["vss-lightning", fast[0]], ["lightning", fast[-3]], ["vss-lightning", fast[-1]]]
+    env = subprocess_env(VSS_LIGHTNING_CACHE="off", VSS_LIGHTNING_SCHEMA=str(fresh["path"]))
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(calls), *HEAVY], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["heavy"] == []
+    for (_, argv), (code, out, err) in zip(calls, answer["results"], strict=True):
+        assert code == 0 and err == "" and out == fresh["print_config"][tuple(argv)][1], argv

@@ -9,7 +9,8 @@ named `lightning`; ours hands every subcommand it does not own to that SDK's CLI
 installed, so both keep working. This module imports only the standard library at import time, so
 handing over (and the errors below) cost no Lightning or diffusers import; neither do `--help` and a
 misspelled option key, answered from the committed snapshot of the parser (`cli_schema`) when it
-matches the installed libraries and this package's source.
+matches the installed libraries and this package's source, nor `--print_config` with the config files
+and overrides that snapshot can apply for sure.
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ def main(args: list[str] | None = None, prog: str = "vss-lightning") -> None:
     """Entry point of `vss-lightning` and `python -m vss_lightning` (args default to `sys.argv[1:]`).
 
     `--verbose` (anywhere on the command line) shows the traceback of an error instead of one line.
-    `[SUBCOMMAND] --help` and misspelled option keys are answered from the committed snapshot of the
-    parser (`cli_schema`) and `--help`/`--print_config` seen before from the cache (`help_cache`),
-    all without importing torch or Lightning; anything else builds the full parser.
+    `[SUBCOMMAND] --help`, `SUBCOMMAND [--config FILE ...] [overrides] --print_config` and misspelled
+    option keys are answered from the committed snapshot of the parser (`cli_schema`) and
+    `--help`/`--print_config` seen before from the cache (`help_cache`), all without importing torch
+    or Lightning; anything else builds the full parser.
     """
     argv = list(sys.argv[1:] if args is None else args)
     verbose = VERBOSE_FLAG in argv
@@ -74,7 +76,9 @@ def main(args: list[str] | None = None, prog: str = "vss-lightning") -> None:
     asks_help = help_cache.is_help_request(argv)
     if asks_help:
         with help_cache.help_width() as columns:  # the key and the rendering use the same width
-            text = help_cache.lookup(argv, prog)
+            text = cli_schema.print_config(argv, prog)
+            if text is None:
+                text = help_cache.lookup(argv, prog)
             if text is None:
                 text = cli_schema.lookup_help(argv, prog, columns)
                 if text is not None:

@@ -25,7 +25,21 @@ recorded ones, and the sha256 of this package's source files (every `vss_lightni
 module and `help_cache.py`, which do not shape the parser) equals the recorded one. Otherwise, and
 whenever a command line is outside what they can decide for sure, they return None and the caller
 builds the full parser (its `--help` output is then cached by `help_cache`). `--help` together with
-`--config FILE`, and `--print_config`, always take that path: slow the first time, cached after.
+`--config FILE` always takes that path: slow the first time, cached after.
+
+- `print_config(argv, prog)`: the output of `SUBCOMMAND [--config FILE ...] [--key value ...]
+  --print_config` (no flags), byte for byte, from the tree the parser prints without arguments, the
+  nodes (types) of its keys and the defaults of the classes and settings groups the configs can name
+  (see the `print_config` section below). It defers to the full parser on anything it cannot apply
+  for sure: a class it was not rendered with (e.g. `trainer.strategy`, `trainer.logger` classes, a
+  short class name), a key it does not know, a value it cannot check (strings for non-string keys,
+  numbers for keys that also take strings, YAML forms beyond plain words, numbers and flat lists),
+  a value the parser would refuse (the parser then prints its error), `--print_config=FLAGS`, and
+  any `JSONARGPARSE_*` or `PL_*` environment variable.
+
+(Longer than 400 lines because answering exactly as jsonargparse would — its value reading, merge
+rules and YAML loader — is one concern that must stay in one stdlib-only module: splitting it would
+add imports to the fast path.)
 
 Width: help is rendered for `HELP_COLUMNS` (100) columns. `help_cache.help_columns()` decides the
 width of every help the CLI prints, on both paths: `$COLUMNS` when set, else the terminal's width
@@ -359,3 +373,336 @@ def _check_segmenter_class(init: Any, class_values: list[str], config_texts: lis
             raise _Undecided
         if "." in value and value != init["class_path"] and not value.startswith(SAFE_CLASS_PREFIXES):
             raise _Undecided  # e.g. mypackage.MySegmenter
+
+
+# --- print_config ------------------------------------------------------------------------------------
+#
+# The snapshot's `print_config` entry holds, per subcommand, the tree the full parser prints without
+# arguments (`tree`, in its key order) and a node per settable key (`nodes`, dotted keys of the tree);
+# `classes` holds, per class a subclass-typed key can take, its init_args nodes and its defaults as
+# the parser renders them; `groups` the fields of the settings dataclasses (expanded when given).
+# Node and type descriptors (all rendered from the parser's own type hints at build time):
+#   {"leaf": T}                         a value of type T
+#   {"group": NAME}                     `Dataclass | None` (None until given; a dict expands it)
+#   {"class": [CLASS_PATH, ...]}        `Class | None`: None or {class_path, init_args}
+# where T is "int", "float", "bool", "str", "null", {"lit": [str, ...]}, {"list": T}, {"union": [T, ...]},
+# "class" (a class type: refuses numbers, booleans and None, may take anything else), "seq" (an
+# iterable of classes: refuses those and dicts) or "any".
+# Anything the model cannot decide for sure raises `_Undecided` and the full parser answers.
+
+PRINT_FLAG = "--print_config"
+_ENV_PREFIXES = ("JSONARGPARSE_", "PL_")  # environment-driven parsing settings and defaults
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
+_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+_FLOAT = re.compile(r"-?(0|[1-9][0-9]*)\.[0-9]+")
+_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
+_Reject = object()  # a value the full parser refuses (it prints the error)
+
+
+def print_config(argv: list[str], prog: str, schema: dict[str, Any] | None = None) -> str | None:
+    """The full parser's output of `prog SUBCOMMAND [--config FILE] [overrides] --print_config`, or None.
+
+    Answered from a valid snapshot when every config file and override is one the snapshot can apply
+    for sure (see above); None otherwise (the caller builds the full parser).
+    """
+    if len(argv) < 2 or argv[0] not in ("predict", "test", "validate") or argv.count(PRINT_FLAG) != 1:
+        return None
+    if any(name.startswith(_ENV_PREFIXES) for name in os.environ):
+        return None
+    schema = load_schema() if schema is None else schema
+    if schema is None or "print_config" not in schema or prog not in schema.get("progs", {}):
+        return None
+    try:
+        return _print_config(argv, schema["print_config"])
+    except (_Undecided, LookupError, TypeError, ValueError, AttributeError, RecursionError, OSError):
+        return None
+
+
+def _yaml_loader() -> Any:
+    """jsonargparse's YAML loader: PyYAML's safe loader without timestamps and with its float rule."""
+    import yaml
+
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+        pass
+
+    dropped = ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:float")
+    resolvers = yaml.SafeLoader.yaml_implicit_resolvers.items()
+    Loader.yaml_implicit_resolvers = {k: [(t, r) for t, r in v if t not in dropped] for k, v in resolvers}
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"""^(?:
+        [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+def _safe_load(text: str, loader: Any) -> Any:
+    """Parse one YAML document with `loader`, a subclass of PyYAML's safe loader (no Python tags)."""
+    import yaml
+
+    if not issubclass(loader, getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        raise TypeError("Expected a safe YAML loader.")
+    instance = loader(text)
+    try:
+        return instance.get_single_data()
+    finally:
+        instance.dispose()
+
+
+def _print_config(argv: list[str], snap: dict[str, Any]) -> str:
+    import copy
+
+    import yaml
+
+    sub = argv[0]
+    state = copy.deepcopy(snap["trees"][sub])
+    nodes: dict[str, Any] = snap["nodes"][sub]
+    loader = _yaml_loader()
+    i = 1
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token == PRINT_FLAG:
+            continue
+        if not token.startswith("--") or not _KEY.fullmatch(token.partition("=")[0]):
+            raise _Undecided
+        key, eq, inline = token.partition("=")
+        if key == "--write_previews" and not eq and (i >= len(argv) or argv[i].startswith("-")):
+            state["write_previews"] = True  # ActionYesNo without a value
+            continue
+        if key == "--no_write_previews" and not eq:
+            state["write_previews"] = False
+            continue
+        value, i = _value(argv, i, inline if eq else None)
+        if key in ("--config", "-c"):
+            text = Path(value).expanduser().read_text(encoding="utf-8")
+            loaded = _safe_load(text, loader)
+            if not isinstance(loaded, dict) or all(v is None for v in loaded.values()):
+                raise _Undecided  # jsonargparse reads a mapping of only nulls as a string
+            _apply_mapping(state, nodes, loaded, "", snap)
+        else:
+            _apply_cli(state, nodes, key[2:], value, snap, loader)
+    header = "".join(f"# {line}\n" for line in snap["header"])
+    return header + yaml.safe_dump(state, default_flow_style=False, allow_unicode=True, sort_keys=False)
+
+
+def _apply_mapping(state: dict[str, Any], nodes: dict[str, Any], data: dict[str, Any], prefix: str,
+                   snap: dict[str, Any]) -> None:  # fmt: skip
+    """Apply a config file's mapping (at dotted `prefix` of the top tree)."""
+    for key, value in data.items():
+        if not isinstance(key, str) or "." in key:
+            raise _Undecided
+        path = prefix + key
+        if path in nodes:
+            _set_node(state, path.split("."), nodes[path], value, snap, cli=False)
+        elif isinstance(_get(state, path.split(".")), dict) and isinstance(value, dict) and "." not in path:
+            _apply_mapping(state, nodes, value, path + ".", snap)  # trainer, model, data, writer
+        else:
+            raise _Undecided  # unknown key, a link target, `config` in a config, ...
+
+
+def _get(state: dict[str, Any], parts: list[str]) -> Any:
+    for part in parts:
+        if not isinstance(state, dict) or part not in state:
+            raise _Undecided
+        state = state[part]
+    return state
+
+
+def _set_node(state: dict[str, Any], parts: list[str], node: dict[str, Any], value: Any,
+              snap: dict[str, Any], cli: bool) -> None:  # fmt: skip
+    """Set the value of the key at `parts` of `state` (its parent must exist) from a config file."""
+    import copy
+
+    parent = _get(state, parts[:-1])
+    name = parts[-1]
+    if name not in parent:
+        raise _Undecided
+    if "leaf" in node:
+        parent[name] = _checked(value, node["leaf"])
+    elif "group" in node:
+        if not isinstance(value, dict):
+            raise _Undecided  # None, a path, ...
+        group = snap["groups"][node["group"]]
+        current = parent[name]
+        merged = copy.deepcopy(group["default"]) if current is None else current
+        for field, field_value in value.items():
+            if field not in group["fields"] or field not in merged:
+                raise _Undecided
+            merged[field] = _checked(field_value, group["fields"][field])
+        parent[name] = merged
+    elif "class" in node:
+        if not isinstance(value, dict) or not set(value) <= {"class_path", "init_args"}:
+            raise _Undecided
+        init = value.get("init_args", {})
+        if not isinstance(init, dict):
+            raise _Undecided
+        parent[name] = _switch(parent[name], value.get("class_path"), node, snap)
+        spec = snap["classes"][parent[name]["class_path"]]
+        args = parent[name]["init_args"]
+        for arg, arg_value in init.items():
+            if not isinstance(arg, str) or arg not in spec["nodes"]:
+                raise _Undecided
+            _set_node(args, [arg], spec["nodes"][arg], arg_value, snap, cli)
+    else:
+        raise _Undecided
+
+
+def _switch(current: Any, class_path: Any, node: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
+    """The {class_path, init_args} of a class key after `class_path` is given (None: unchanged class)."""
+    import copy
+
+    if class_path is None:
+        if not isinstance(current, dict):
+            raise _Undecided  # init_args without a class
+        return current
+    if class_path not in node["class"] or class_path not in snap["classes"]:
+        raise _Undecided  # another class (or a short name): the full parser decides
+    if isinstance(current, dict) and current.get("class_path") == class_path:
+        return current
+    spec = snap["classes"][class_path]
+    fresh = {"class_path": class_path, "init_args": copy.deepcopy(spec["default"])}
+    if isinstance(current, dict):  # init_args the new class accepts are kept, the others discarded
+        for arg, arg_value in current["init_args"].items():
+            arg_node = spec["nodes"].get(arg)
+            if arg_node is None or (arg_value is None and fresh["init_args"].get(arg, 0) is None):
+                continue
+            if "leaf" not in arg_node:
+                raise _Undecided
+            try:
+                fresh["init_args"][arg] = _checked(arg_value, arg_node["leaf"])
+            except _Undecided:
+                raise
+            except Exception:
+                continue
+    elif current is not None:
+        raise _Undecided
+    return fresh
+
+
+def _apply_cli(state: dict[str, Any], nodes: dict[str, Any], key: str, token: str, snap: dict[str, Any],
+               loader: Any) -> None:  # fmt: skip
+    """Apply `--key token` from the command line."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        path = ".".join(parts[:n])
+        if path in nodes:
+            break
+    else:
+        raise _Undecided
+    node, rest = nodes[path], parts[n:]
+    target = parts[:n]
+    while rest:  # below a class key (`.class_path`, `.init_args.X`) or a group (`.field`)
+        current = _get(state, target)
+        if "class" in node:
+            if rest == ["class_path"]:
+                _get(state, target[:-1])[target[-1]] = _switch(current, token, node, snap)
+                return
+            if len(rest) < 2 or rest[0] != "init_args" or not isinstance(current, dict):
+                raise _Undecided
+            spec = snap["classes"][current["class_path"]]
+            node = spec["nodes"].get(rest[1])
+            if node is None:
+                raise _Undecided
+            target, rest = [*target, "init_args", rest[1]], rest[2:]
+        elif "group" in node and len(rest) == 1:
+            group = snap["groups"][node["group"]]
+            if rest[0] not in group["fields"]:
+                raise _Undecided
+            if current is None:
+                _get(state, target[:-1])[target[-1]] = current = json.loads(json.dumps(group["default"]))
+            kind = group["fields"][rest[0]]
+            current[rest[0]] = _checked(_cli_value(token, kind, loader), kind)
+            return
+        else:
+            raise _Undecided
+    if "leaf" not in node:
+        raise _Undecided  # a whole class or group given as one value
+    parent = _get(state, target[:-1])
+    if target[-1] not in parent:
+        raise _Undecided
+    parent[target[-1]] = _checked(_cli_value(token, node["leaf"], loader), node["leaf"])
+
+
+def _has_str(kind: Any) -> bool:
+    if isinstance(kind, dict):
+        return any(_has_str(k) for k in kind.get("union", [])) or _has_str(kind.get("list"))
+    return kind in ("str", "class", "any")
+
+
+def _cli_value(token: str, kind: Any, loader: Any) -> Any:
+    """A command-line value as the full parser reads it, for the plain forms it reads surely."""
+
+    if _has_str(kind):  # the parser's string fallbacks: only words that read as themselves
+        if not _WORD.fullmatch(token) or token.lower() in _YAML_WORDS or Path(token).is_file():
+            raise _Undecided
+        return token
+    items = token[1:-1].split(",") if token.startswith("[") and token.endswith("]") else [token]
+    for item in items:
+        item = item.strip()
+        if not (_INT.fullmatch(item) or _FLOAT.fullmatch(item) or item in ("true", "false", "null")
+                or (_WORD.fullmatch(item) and item.lower() not in _YAML_WORDS)):  # fmt: skip
+            raise _Undecided
+    if Path(token).is_file():
+        raise _Undecided
+    return _safe_load(token, loader)
+
+
+def _checked(value: Any, kind: Any) -> Any:
+    """`value` adapted to `kind` as jsonargparse does; `_Undecided` when it is refused or unsure."""
+    result = _adapt(value, kind)
+    if result is _Reject:
+        raise _Undecided  # the full parser reports the error
+    return result
+
+
+def _adapt(value: Any, kind: Any) -> Any:
+    if isinstance(kind, dict):
+        if "lit" in kind:
+            return value if isinstance(value, str) and value in kind["lit"] else _Reject
+        if "list" in kind:
+            if isinstance(value, str):
+                raise _Undecided  # a path to a file of lines
+            if not isinstance(value, list):
+                return _Reject
+            items = [_adapt(v, kind["list"]) for v in value]
+            return _Reject if any(v is _Reject for v in items) else items
+        if "union" in kind:
+            for member in kind["union"]:
+                result = _adapt(value, member)
+                if result is not _Reject:
+                    return result
+            return _Reject
+        raise _Undecided
+    if isinstance(value, str) and kind not in ("str", "class", "any"):
+        raise _Undecided  # a string read as YAML by the parser
+    if kind == "int":
+        return value if isinstance(value, int) and not isinstance(value, bool) else _Reject
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return _Reject
+        return float(value)
+    if kind == "bool":
+        return value if isinstance(value, bool) else _Reject
+    if kind == "str":
+        return value if isinstance(value, str) else _Reject
+    if kind == "null":
+        return value if value is None else _Reject
+    if kind == "class":  # a class path or a dict of one: the full parser decides
+        if value is None or isinstance(value, (bool, int, float)):
+            return _Reject
+        raise _Undecided
+    if kind == "seq":  # an iterable of classes
+        if value is None or isinstance(value, (bool, int, float, dict)):
+            return _Reject
+        raise _Undecided
+    raise _Undecided

@@ -176,6 +176,227 @@ def _render_help(lc: Any, argv: list[str], prog: str, epilog: str) -> str:
     return out.getvalue()
 
 
+# --- print_config -------------------------------------------------------------------------------------
+
+
+def real_print_config(parser: Any, argv: list[str]) -> tuple[int, str, str]:
+    """The full parser's (exit status, stdout, stderr) for `argv` (a `--print_config` command line)."""
+    import contextlib
+    import io
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            parser.parse_args(argv)
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _render_tree(parser: Any, sub: str, config: dict[str, Any] | None = None) -> tuple[list[str], Any]:
+    """(header lines, tree) the full parser prints for `sub [--config CONFIG] --print_config`."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as folder:
+        argv = [sub]
+        if config is not None:
+            path = Path(folder) / "config.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+            argv += ["--config", str(path)]
+        code, out, err = real_print_config(parser, [*argv, "--print_config"])
+    if code != 0:
+        raise RuntimeError(f"`{' '.join(argv)} --print_config` exited with {code}: {err}")
+    lines = out.split("\n")
+    header = []
+    while lines and lines[0].startswith("# "):
+        header.append(lines.pop(0)[2:])
+    return header, yaml.safe_load("\n".join(lines))
+
+
+def _type_kind(hint: Any) -> Any:
+    """The fast path's descriptor of a type hint (see `cli_schema`); "any" for what it does not model."""
+    import collections.abc
+    import dataclasses
+    import enum
+    import types
+    import typing
+
+    from jsonargparse._typehints import ActionTypeHint, get_registered_type
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in (int, float, bool, str):
+        return hint.__name__
+    if hint is type(None):
+        return "null"
+    if origin is typing.Literal:
+        return {"lit": list(args)} if all(isinstance(a, str) for a in args) else "any"
+    if origin in (typing.Union, types.UnionType):
+        return {"union": [_type_kind(a) for a in args]}
+    if origin is list and len(args) == 1:
+        return {"list": _type_kind(args[0])}
+    if origin in (collections.abc.Iterable, collections.abc.Sequence) and len(args) == 1:
+        if _type_kind(args[0]) == "class":
+            return "seq"
+        return "any"
+    if (
+        isinstance(hint, type)
+        and not dataclasses.is_dataclass(hint)
+        and not issubclass(hint, enum.Enum)
+        and get_registered_type(hint) is None
+        and ActionTypeHint.is_subclass_typehint(hint, all_subtypes=False)
+    ):
+        return "class"
+    return "any"
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _node(action: Any, found: dict[str, Any]) -> dict[str, Any] | None:
+    """The fast path's node of a parser action (a leaf, a settings group or a class key), or None."""
+    import dataclasses
+    import typing
+
+    from jsonargparse import ActionYesNo
+    from jsonargparse._typehints import ActionTypeHint, get_all_subclass_paths
+
+    if isinstance(action, ActionYesNo):
+        return {"leaf": "bool"}
+    if type(action) is not ActionTypeHint:
+        return None
+    hint = action._typehint
+    members = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(members) == 1 and len(typing.get_args(hint)) == 2 and isinstance(members[0], type):
+        if dataclasses.is_dataclass(members[0]):
+            found["groups"].add(members[0])
+            return {"group": _class_path(members[0])}
+        if _type_kind(members[0]) == "class":
+            paths = [p for p in get_all_subclass_paths(members[0]) if p.startswith("vss_lightning.")]
+            found["classes"].update(paths)
+            return {"class": sorted(paths)}
+    return {"leaf": _type_kind(hint)}
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        flat[prefix + key] = value
+        if isinstance(value, dict):
+            flat.update(_flat(value, prefix + key + "."))
+    return flat
+
+
+def _print_config_snapshot(parser: Any, subparsers: dict[str, Any]) -> dict[str, Any]:
+    """What `cli_schema.print_config` needs, rendered by the full parser: per subcommand the printed
+    tree without arguments and the nodes of its keys; the init_args and defaults of every class that a
+    class key takes; the fields and defaults of the settings dataclasses."""
+    import importlib
+    import pkgutil
+
+    from jsonargparse._common import parser_context
+    from jsonargparse._typehints import ActionTypeHint
+
+    from vss_lightning import pipeline
+
+    for module in pkgutil.iter_modules(pipeline.__path__):
+        importlib.import_module(f"{pipeline.__name__}.{module.name}")
+    found: dict[str, set[Any]] = {"groups": set(), "classes": set()}
+    trees, nodes, headers = {}, {}, set()
+    class_keys: dict[str, dict[str, Any]] = {}  # a class key of each subcommand: where to render classes
+    for sub, subparser in subparsers.items():
+        header, tree = _render_tree(parser, sub)
+        headers.add(tuple(header))
+        flat = _flat(tree)
+        trees[sub], nodes[sub] = tree, {}
+        for action in subparser._actions:
+            node = _node(action, found) if action.dest in flat else None
+            if node is not None:
+                nodes[sub][action.dest] = node
+                if "class" in node:
+                    class_keys.setdefault(action.dest, node)
+    if len(headers) != 1:
+        raise RuntimeError(f"the subcommands print different headers: {headers}")
+    sub = next(iter(subparsers))
+    classes: dict[str, Any] = {}
+    groups: dict[str, Any] = {}
+
+    def nest(dotted: str, value: Any) -> dict[str, Any]:
+        for part in reversed(dotted.split(".")):
+            value = {part: value}
+        return value
+
+    # Render each class where it can be given: at a class key of the tree, or as an init arg of a
+    # class rendered before (e.g. the backbone inside the segmenter's init_args).
+    pending = [(key, [], path) for key, node in class_keys.items() for path in node["class"]]
+    while pending:
+        key, outer, path = pending.pop(0)
+        if path in classes:
+            continue
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        with parser_context(parent_parser=subparsers[sub]):
+            class_parser = ActionTypeHint.get_class_parser(cls, {"fail_untyped": False, "sub_configs": True})
+        spec_nodes = {}
+        for action in class_parser._actions:
+            node = _node(action, found)
+            if node is not None and "." not in action.dest:
+                spec_nodes[action.dest] = node
+
+        def spec_config(init_args: dict[str, Any], outer: list[Any] = outer, path: str = path) -> Any:
+            value: Any = {"class_path": path, "init_args": init_args}
+            for outer_arg, outer_path in reversed(outer):
+                value = {"class_path": outer_path, "init_args": {outer_arg: value}}
+            return value
+
+        _, tree = _render_tree(parser, sub, nest(key, spec_config({})))
+        default = _flat(tree)[".".join([key, *[f"init_args.{a}" for a, _ in outer], "init_args"])]
+        if list(default) != list(spec_nodes):
+            raise RuntimeError(f"the printed init_args of {path} are not its parser's: {list(default)}")
+        classes[path] = {"nodes": spec_nodes, "default": default}
+        expanded = {arg: {} for arg, node in spec_nodes.items() if "group" in node}
+        if expanded:
+            _, tree = _render_tree(parser, sub, nest(key, spec_config(expanded)))
+            printed = _flat(tree)[".".join([key, *[f"init_args.{a}" for a, _ in outer], "init_args"])]
+            for arg in expanded:
+                groups.setdefault(spec_nodes[arg]["group"], printed[arg])
+        for arg, node in spec_nodes.items():
+            if "class" in node:
+                pending += [(key, [*outer, (arg, path)], inner) for inner in node["class"]]
+    for key, node in nodes[sub].items():  # settings groups of the tree itself (e.g. model.naming)
+        if "group" in node and node["group"] not in groups:
+            _, tree = _render_tree(parser, sub, nest(key, {}))
+            groups[node["group"]] = _flat(tree)[key]
+    for cls in found["groups"]:
+        path = _class_path(cls)
+        if path not in groups:
+            continue  # a group inside a group: its keys are "any" (the fast path defers)
+        with parser_context(parent_parser=subparsers[sub]):
+            group_parser = ActionTypeHint.get_class_parser(cls, {"fail_untyped": False, "sub_configs": True})
+        fields = {}
+        for action in group_parser._actions:
+            if type(action) is ActionTypeHint and "." not in action.dest:
+                node = _node(action, {"groups": set(), "classes": set()})
+                fields[action.dest] = node["leaf"] if node and "leaf" in node else "any"
+        if list(fields) != list(groups[path]):
+            raise RuntimeError(f"the printed fields of {path} are not its parser's: {list(groups[path])}")
+        groups[path] = {"fields": fields, "default": groups[path]}
+    missing = sorted({n["group"] for sub_nodes in nodes.values() for n in sub_nodes.values() if "group" in n}
+                     - set(groups))  # fmt: skip
+    if missing:
+        raise RuntimeError(f"settings groups without rendered defaults: {missing}")
+    return {
+        "header": list(headers.pop()),
+        "trees": trees,
+        "nodes": nodes,
+        "classes": dict(sorted(classes.items())),
+        "groups": dict(sorted(groups.items())),
+    }
+
+
 def build_schema() -> dict[str, Any]:
     """Render the snapshot from the full parser (imports torch and Lightning; run it in a fresh process:
     help texts list the imported subclasses of Callback, Logger, ..., so a process that imported more
@@ -207,6 +428,7 @@ def build_schema() -> dict[str, Any]:
             subparsers = _subparsers(parser)
             if init is None:
                 init = _init_args(lc, subparsers[lc.SUBCOMMANDS[0]])
+                printing_parser = parser, {s: subparsers[s] for s in lc.SUBCOMMANDS}
             errors = {}
             for sub in lc.SUBCOMMANDS:
                 options[sub] = _options(subparsers[sub])
@@ -231,6 +453,9 @@ def build_schema() -> dict[str, Any]:
                     "known_not_an_option": known_index(init_known),
                 }
             progs[prog] = {"errors": errors, "help": helps}
+        # Last: it imports every module of the package's pipeline (a class path given in a config
+        # names any of their classes), which would add classes to the help texts rendered above.
+        printing = _print_config_snapshot(*printing_parser)
     schema = {
         "format": FORMAT,
         "written_by": WRITE_COMMAND,
@@ -241,6 +466,7 @@ def build_schema() -> dict[str, Any]:
         "options": options,
         "known_sets": known_sets,
         "progs": progs,
+        "print_config": printing,
     }
     _self_check(lc, schema)
     return schema
