@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -389,3 +390,45 @@ def test_the_real_loader_keeps_a_text_encoder_for_naming(tmp_path):
     )
     (out,) = list(seg.iter_segment(frames))
     assert out.class_scores.shape == (2, 4, 4, 2) and bool((out.class_scores > 0).all())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_lightning_test_with_vocabulary_names_writes_dataset_class_ids(tmp_path):
+    """`test --model.vocabulary VOCAB --model.vocabulary_names names.yaml --model.matching none`: every
+    global id is written as the dataset class id of its name (the manifest's class names); an unknown
+    name becomes 255; the labels are apply's global ids mapped by name."""
+    from shards import label_files
+
+    from vss_lightning.cli import main as cli_main
+    from vss_lightning.vocabulary.__main__ import main as vocabulary_main
+
+    make_shards(tmp_path / "shards", [[("a", 3), ("b", 2)], [("c", 3)]], labelled=True)  # C = 4
+    tars = sorted(p.name for p in (tmp_path / "shards").glob("*.tar"))
+    (tmp_path / "shards" / "manifest.json").write_text(
+        json.dumps(
+            {"shards": [{"name": n} for n in tars], "num_classes": 4, "class_names": ["w", "x", "y", "z"]}
+        )
+    )
+    shards = str(tmp_path / "shards" / "*.tar")
+    local, vocab, applied, tested = (tmp_path / n for n in ("local", "vocab", "applied", "tested"))
+    cli_main(predict_args(shards, local))
+    vocabulary_main(["fit", "--labels", str(local), "--num_classes", "3", "--out", str(vocab)])
+    vocabulary_main(["apply", "--labels", str(local), "--vocab", str(vocab), "--out", str(applied)])
+    names = tmp_path / "names.yaml"
+    names.write_text("0: y\n1: W\n2: not a class\n")
+    args = predict_args(
+        shards, tested, "--model.vocabulary", str(vocab), "--model.vocabulary_names", str(names)
+    )
+    cli_main(["test", *args[1:], "--model.matching", "none"])
+    metrics = json.loads((tested / "metrics.json").read_text())
+    assert metrics["matching"] == "none" and metrics["videos"] == 3 and 0.0 <= metrics["mIoU"] <= 1.0
+    lut = np.array([2, 0, 255], dtype=np.uint8)
+    want = {k: lut[np.asarray(Image.open(io.BytesIO(v)))] for k, v in label_files(applied).items()}
+    got = {k: np.asarray(Image.open(io.BytesIO(v))) for k, v in label_files(tested).items()}
+    assert sorted(got) == sorted(want) and len(got) == 8
+    for k in got:
+        np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(ValueError, match="with `vocabulary`"):
+        from vss_lightning.module import ZeroShotVSS
+
+        ZeroShotVSS(_segmenter(), vocabulary_names=str(names))

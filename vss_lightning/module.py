@@ -83,6 +83,10 @@ class ZeroShotVSS(L.LightningModule):
             `vocabulary name` turns into names for a corpus vocabulary's classes; `first_frame_gt`
             ignores them.
         naming: how the cross-attention names labels (default: `NamingSettings()`).
+        vocabulary_names: with `vocabulary`, its `names.yaml` (`<global id>: <name>`, from the naming
+            page or `vocabulary name`): labels are written as the dataset class ids of those names
+            (the shards' manifest `class_names`), so `--model.matching none` scores them; unnamed ids
+            and names that are not the dataset's are written as `context.ignore_index`.
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class ZeroShotVSS(L.LightningModule):
         vocabulary: str | None = None,
         class_names: list[str] | str | None = None,
         naming: NamingSettings | None = None,
+        vocabulary_names: str | None = None,
     ) -> None:
         super().__init__()
         if label_mode not in ("cluster", "first_frame_gt", "open_vocab"):
@@ -146,6 +151,12 @@ class ZeroShotVSS(L.LightningModule):
         self.on_error = on_error
         self.oom_retry = oom_retry
         self.vocabulary = vocabulary
+        if vocabulary_names is not None and vocabulary is None:
+            raise ValueError(
+                "Expected `vocabulary_names` to come with `vocabulary` (the names of its global classes), "
+                "but no vocabulary was given. Pass --model.vocabulary VOCAB too."
+            )
+        self.vocabulary_names = vocabulary_names
         labeller_mode = (
             "first_frame_gt" if label_mode == "first_frame_gt" else "cluster"
         )  # open_vocab names clusters
@@ -245,7 +256,47 @@ class ZeroShotVSS(L.LightningModule):
                 f"(hash {ours}), but it was fitted on {fitted_on}. Fit a vocabulary on a corpus labelled "
                 "with these settings, or run with the settings it was fitted on."
             )
-        self.videos.relabel = lambda prototypes: global_map(prototypes, centroids)
+        to_class = self._vocabulary_classes(centroids.shape[0]) if self.vocabulary_names is not None else None
+        if to_class is None:
+            self.videos.relabel = lambda prototypes: global_map(prototypes, centroids)
+        else:
+            self.videos.relabel = lambda prototypes: {
+                local: to_class[g] for local, g in global_map(prototypes, centroids).items()
+            }
+
+    def _vocabulary_classes(self, num_global: int) -> list[int]:
+        """Global id -> the dataset class id of its name in `vocabulary_names` (ignore_index if none).
+
+        Raises:
+            ValueError: if the shards' manifest records no class names (naming it and the fix).
+        """
+        from vss_lightning.vocabulary.sheet import load_names
+
+        names = load_names(self.vocabulary_names, num_global)
+        info = (
+            getattr(getattr(self._trainer, "datamodule", None), "dataset_info", None)
+            if self._trainer
+            else None
+        )
+        classes = getattr(info, "class_names", None)
+        if not classes:
+            raise ValueError(
+                "Expected the shards' manifest.json to record `class_names` for `vocabulary_names` "
+                f"{self.vocabulary_names!r}, but it records none. Rebuild the shards with `python -m "
+                "data_tools` (it records them for known datasets), or score the global ids with "
+                "--model.matching dataset."
+            )
+        index = {str(n).strip().lower(): c for c, n in enumerate(classes)}
+        ignore = self.segmenter.context.ignore_index
+        unknown = sorted({n for n in names.values() if n.strip().lower() not in index})
+        if unknown:
+            log.warning(
+                f"Names of {self.vocabulary_names} that are not the dataset's classes (written as "
+                f"{ignore}): {unknown}"
+            )
+        return [
+            index.get(names[g].strip().lower(), ignore) if g in names else ignore for g in range(num_global)
+        ]
 
     def _loaded_vocabulary(self) -> tuple[torch.Tensor, dict[str, str]]:
         """The vocabulary's centroids and metadata, read once (the hash and the labelling share them)."""
@@ -298,7 +349,12 @@ class ZeroShotVSS(L.LightningModule):
                 from vss_lightning.vocabulary.fit import vocabulary_identity
 
                 identity = vocabulary_identity(*self._loaded_vocabulary())
-                text = json.dumps([self._local_settings_hash(), identity])
+                parts = [self._local_settings_hash(), identity]
+                if self.vocabulary_names is not None:  # class ids by name: the names are part of them
+                    from vss_lightning.vocabulary.sheet import load_names
+
+                    parts.append(sorted(load_names(self.vocabulary_names).items()))
+                text = json.dumps(parts)
                 self._hash = hashlib.sha256(text.encode()).hexdigest()[:16]
         return self._hash
 
