@@ -27,22 +27,28 @@ RENDER = """
 import contextlib, io, json, sys
 from vss_lightning import cli, cli_schema_build
 before = "torch" in sys.modules
-out = io.StringIO()
-code = None
-with contextlib.redirect_stdout(out):
-    try:
-        cli.main(["predict", "--help"])
-    except SystemExit as e:
-        code = e.code
+helps = []  # the full parser's help for each command line of argv[2] (the first: `predict --help`)
+for argv in json.loads(sys.argv[2]):
+    out = io.StringIO()
+    code = None
+    with contextlib.redirect_stdout(out):
+        try:
+            cli.main(argv)
+        except SystemExit as e:
+            code = e.code
+    helps.append([code, out.getvalue()])
 after = "torch" in sys.modules
 schema = cli_schema_build.build_schema()
-# The full parser's `--print_config` of each command line of argv[1] (after build_schema, which renders
-# the help texts before anything imports more classes).
+# The full parser's (exit status, stdout, stderr) for each command line of argv[1], and of argv[3] for
+# our `lightning` script too (after build_schema, which renders the help texts before anything imports
+# more classes).
 from vss_lightning import lightning_cli
 parser = cli_schema_build._grab_parser(lightning_cli, "vss-lightning", cli.epilog("vss-lightning"))
 printed = [cli_schema_build.real_print_config(parser, argv) for argv in json.loads(sys.argv[1])]
-print(json.dumps({"schema": schema, "help": out.getvalue(), "code": code, "before": before, "after": after,
-                  "printed": printed}))
+parser = cli_schema_build._grab_parser(lightning_cli, "lightning", cli.epilog("lightning"))
+lightning = [cli_schema_build.real_print_config(parser, argv) for argv in json.loads(sys.argv[3])]
+print(json.dumps({"schema": schema, "help": helps[0][1], "code": helps[0][0], "helps": helps,
+                  "before": before, "after": after, "printed": printed, "lightning": lightning}))
 """
 
 
@@ -92,6 +98,55 @@ def print_config_cases(folder) -> dict[str, list[list[str]]]:
     return {"fast": fast, "deferred": deferred}
 
 
+def value_error_cases(folder) -> dict[str, list[list[str]]]:
+    """Command lines with values the parser refuses: `refused` ones the snapshot answers (key kinds: int,
+    float, bool, a `--flag/--no_flag`, Literals, unions, a settings-group field at the top and inside
+    the segmenter, an init arg of the segmenter and of a backbone after a class_path switch), and
+    `deferred` ones it leaves to the full parser."""
+    overlay, vspw, broken = str(folder / "overlay.yaml"), str(CONFIGS / "vspw.yaml"), folder / "broken.yaml"
+    broken.write_text("model: [1,\n", encoding="utf-8")  # not YAML
+    refused = [
+        ["predict", "--config", SMOKE, SEG + "context.batch_size", "abc"],  # truncated at 600 characters
+        ["predict", "--config", SMOKE, "--model.label_mode", "clusters"],
+        ["predict", "--config", SMOKE, "--trainer.max_epochs", "1.5"],
+        ["test", "--config", SMOKE, "--trainer.num_nodes", "true"],
+        ["validate", "--config", SMOKE, "--data.max_compression_ratio", "abc"],
+        ["predict", "--config", SMOKE, "--trainer.inference_mode", "1"],
+        ["predict", "--config", SMOKE, "--write_previews", "maybe"],
+        ["predict", "--config", SMOKE, "--model.naming.normalize", "frames"],
+        ["predict", "--config", SMOKE, SEG + "seed=x1"],
+        ["predict", "--config", SMOKE, SEG + "sampling.guidance_scale", "high"],
+        ["predict", "--config", vspw, SEG + "backbone.class_path", TINY, SEG + "backbone.init_args.seed",
+         "1.5"],
+        ["predict", "--config", SMOKE, SEG + "backbone.init_args.dtype", "float64"],
+        ["predict", "--trainer.max_epochs", "a"],  # jsonargparse's union message drops " a "
+        ["predict", "--seed_everything", "1.5"],
+        ["predict", "--model.num_classes=-2.5"],
+        ["predict", "--config", SMOKE, "--trainer.deterministic", "sometimes"],
+        ["predict", "--config", SMOKE, "--config", overlay, "--model.matching", "null"],
+        ["predict", "--config", SMOKE, "--model.label_mode", "clusters", "--trainer.num_nodes", "x"],  # first
+        ["predict", "--config", SMOKE, "--trainer.num_nodes", "x", "--model.label_mode", "clusters"],
+    ]  # fmt: skip
+    deferred = [
+        ["predict", "--config", SMOKE, "--trainer.max_epochs", "3"],  # nothing refused
+        ["predict", "--config", SMOKE, SEG + "sampling.guidance_scale", "null"],  # null below a class: uneven
+        ["predict", "--config", SMOKE, "--model.label_mode", "clusters", "--foo", "1"],  # an unknown key
+        ["predict", "--config", SMOKE, "--trainer.num_nodes", "1e3"],  # a form not read for sure
+        ["predict", "--config", "/nonexistent/config.yaml", "--trainer.num_nodes", "x"],
+        ["predict", "--config", str(broken), "--trainer.num_nodes", "x"],
+        ["predict", SEG + "seed", "x"],  # no segmenter class yet
+        ["predict", "--config", SMOKE, "--trainer.devices", "x"],  # takes strings
+    ]
+    return {"refused": refused, "deferred": deferred}
+
+
+HELP_CASES = [  # the first is the plain help (`fresh["help"]`)
+    ["predict", "--help"],
+    ["predict", "--config", SMOKE, "--help"],
+    ["test", "--config", str(CONFIGS / "smoke_svd.yaml"), SEG + "context.batch_size", "3", "-h"],
+]
+
+
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory) -> dict:
     """A snapshot rendered now by the full parser (also saved as `path`), and the full path's output."""
@@ -101,13 +156,16 @@ def fresh(tmp_path_factory) -> dict:
     env = subprocess_env(VSS_LIGHTNING_CACHE="off", VSS_LIGHTNING_SCHEMA=str(stale))
     env.pop("COLUMNS", None)
     cases = print_config_cases(folder)
-    argvs = cases["fast"] + cases["deferred"]
-    done = subprocess.run([sys.executable, "-c", RENDER, json.dumps(argvs)], capture_output=True, text=True,
-                          env=env, timeout=600)  # fmt: skip
+    values = value_error_cases(folder)
+    argvs = cases["fast"] + cases["deferred"] + values["refused"] + values["deferred"]
+    done = subprocess.run([sys.executable, "-c", RENDER, json.dumps(argvs), json.dumps(HELP_CASES),
+                           json.dumps(values["refused"])], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["cases"] = cases
+    result["cases"], result["values"] = cases, values
     result["print_config"] = dict(zip(map(tuple, argvs), result.pop("printed"), strict=True))
+    result["lightning"] = dict(zip(map(tuple, values["refused"]), result["lightning"], strict=True))
     result["path"] = folder / "fresh.json"
     result["path"].write_text(cli_schema_build.dumps(result["schema"]), encoding="utf-8")
     return result
@@ -178,7 +236,7 @@ def test_help_width_is_fixed_unless_columns_is_set(monkeypatch, fresh):
     assert help_cache.help_columns() == 80
     assert cli_schema.lookup_help(["--help"], "vss-lightning", schema=fresh["schema"]) is None
     assert cli_schema.lookup_help(["--help"], "vss-lightning", 100, fresh["schema"]) is not None
-    for argv in (["predict", "--config", SMOKE, "--help"], ["predict", "--print_config"], ["-h", "predict"]):
+    for argv in (["predict", "--print_config"], ["-h", "predict"], ["predict", "--help", "--config", SMOKE]):
         assert cli_schema.lookup_help(argv, "vss-lightning", 100, fresh["schema"]) is None
 
 
@@ -322,3 +380,73 @@ def test_print_config_imports_no_heavy_library(fresh, tmp_path):
     assert answer["heavy"] == []
     for (_, argv), (code, out, err) in zip(calls, answer["results"], strict=True):
         assert code == 0 and err == "" and out == fresh["print_config"][tuple(argv)][1], argv
+
+
+def test_a_refused_value_gets_the_full_parsers_answer(fresh, monkeypatch):
+    """Bad values of every kind of key: the snapshot prints exactly the full parser's two lines (the
+    first refused value in command-line order), for both scripts; what it cannot decide is left to
+    the full parser."""
+    monkeypatch.delenv("JSONARGPARSE_DEFAULT_ENV", raising=False)
+    schema = fresh["schema"]
+    for argv in fresh["values"]["refused"]:
+        for prog, (code, out, err) in (("vss-lightning", fresh["print_config"][tuple(argv)]),
+                                       ("lightning", fresh["lightning"][tuple(argv)])):  # fmt: skip
+            assert code == cli.EXIT_USAGE and out == "" and err.startswith("error: "), (prog, argv, err)
+            assert cli_schema.value_error(argv, prog, schema) == err, (prog, argv)
+            assert cli_schema.precheck(argv, prog, schema) is None  # no misspelled key on these lines
+    for argv in fresh["values"]["deferred"]:
+        assert cli_schema.value_error(argv, "vss-lightning", schema) is None, argv
+    codes = [fresh["print_config"][tuple(argv)][0] for argv in fresh["values"]["deferred"]]
+    assert codes == [0, 2, 2, 2, 2, 2, 2, 0]
+    refused = fresh["values"]["refused"][1]
+    for argv in ([*refused, "--print_config"], [*refused, "--help"], ["fit", *refused[1:]]):
+        assert cli_schema.value_error(argv, "vss-lightning", schema) is None  # help, print_config: not here
+    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "true")
+    assert cli_schema.value_error(refused, "vss-lightning", schema) is None
+
+
+def test_help_after_config_files_is_the_plain_help(fresh):
+    """`SUB --config FILE [overrides] --help` prints SUB's help (config values are not shown as
+    defaults): answered from the snapshot once every config file and override applies for sure."""
+    helps = fresh["schema"]["progs"]["vss-lightning"]["help"]
+    for argv, (code, out) in zip(HELP_CASES, fresh["helps"], strict=True):
+        assert code in (0, None) and out == "\n".join(helps[argv[0]]), argv
+        assert cli_schema.lookup_help(argv, "vss-lightning", 100, fresh["schema"]) == out, argv
+    for argv in (
+        ["predict", "--config", SMOKE, "--model.label_mode", "clusters", "--help"],  # an error first
+        ["predict", "--config", "/nonexistent/config.yaml", "--help"],
+        [*fresh["values"]["deferred"][5][:3], "--help"],  # a config file that is not YAML
+        ["predict", "--config", SMOKE, "--print_config", "--help"],
+        ["predict", "--config", SMOKE, "--trainer.devices", "x", "--help"],  # not applied for sure
+    ):
+        assert cli_schema.lookup_help(argv, "vss-lightning", 100, fresh["schema"]) is None, argv
+
+
+def test_a_refused_value_and_help_after_a_config_import_no_heavy_library(fresh, tmp_path):
+    refused = fresh["values"]["refused"]
+    calls = [["vss-lightning", refused[0]], ["lightning", refused[10]], ["vss-lightning", HELP_CASES[1]]]
+    env = subprocess_env(VSS_LIGHTNING_CACHE="off", VSS_LIGHTNING_SCHEMA=str(fresh["path"]))
+    env.pop("COLUMNS", None)
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(calls), *HEAVY], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["heavy"] == []
+    (code0, out0, err0), (code1, out1, err1), (code2, out2, err2) = answer["results"]
+    assert (code0, out0, err0) == (cli.EXIT_USAGE, "", fresh["print_config"][tuple(refused[0])][2])
+    assert (code1, out1, err1) == (cli.EXIT_USAGE, "", fresh["lightning"][tuple(refused[10])][2])
+    assert (code2, out2, err2) == (0, fresh["helps"][1][1], "")
+
+
+def test_the_seed_everything_variables_do_not_turn_the_fast_print_config_off(monkeypatch):
+    """`seed_everything` (an earlier run in the process) sets PL_GLOBAL_SEED and PL_SEED_WORKERS; they do
+    not shape the parser, so `--print_config` still answers from the snapshot; other PL_* variables defer."""
+    schema = cli_schema.load_schema()
+    if schema is None:
+        pytest.skip("the committed snapshot does not match this installation")
+    argv = ["predict", "--config", str(CONFIGS / "camvid.yaml"), "--print_config"]
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    monkeypatch.setenv("PL_SEED_WORKERS", "0")
+    assert cli_schema.print_config(argv, "vss-lightning", schema) is not None
+    monkeypatch.setenv("PL_TRAINER_ACCELERATOR", "cpu")
+    assert cli_schema.print_config(argv, "vss-lightning", schema) is None

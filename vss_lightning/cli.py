@@ -8,9 +8,10 @@ method has no trainable parameter). Lightning AI's cloud SDK (`lightning-sdk`) a
 named `lightning`; ours hands every subcommand it does not own to that SDK's CLI when the SDK is
 installed, so both keep working. This module imports only the standard library at import time, so
 handing over (and the errors below) cost no Lightning or diffusers import; neither do `--help` and a
-misspelled option key, answered from the committed snapshot of the parser (`cli_schema`) when it
-matches the installed libraries and this package's source, nor `--print_config` with the config files
-and overrides that snapshot can apply for sure.
+misspelled option key or a value the parser refuses (a word for an int, `clusters` for a choice),
+answered from the committed snapshot of the parser (`cli_schema`) when it matches the installed
+libraries and this package's source, nor `--print_config` or `--help` after the config files and
+overrides that snapshot can apply for sure.
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ def main(args: list[str] | None = None, prog: str = "vss-lightning") -> None:
     """Entry point of `vss-lightning` and `python -m vss_lightning` (args default to `sys.argv[1:]`).
 
     `--verbose` (anywhere on the command line) shows the traceback of an error instead of one line.
-    `[SUBCOMMAND] --help`, `SUBCOMMAND [--config FILE ...] [overrides] --print_config` and misspelled
-    option keys are answered from the committed snapshot of the parser (`cli_schema`) and
-    `--help`/`--print_config` seen before from the cache (`help_cache`), all without importing torch
-    or Lightning; anything else builds the full parser.
+    `[SUBCOMMAND] --help`, `SUBCOMMAND [--config FILE ...] [overrides] --print_config|--help`,
+    misspelled option keys and refused values are answered from the committed snapshot of the parser
+    (`cli_schema`) and `--help`/`--print_config` seen before from the cache (`help_cache`), all
+    without importing torch or Lightning; anything else builds the full parser.
     """
     argv = list(sys.argv[1:] if args is None else args)
     verbose = VERBOSE_FLAG in argv
@@ -77,6 +78,8 @@ def main(args: list[str] | None = None, prog: str = "vss-lightning") -> None:
     if asks_help:
         with help_cache.help_width() as columns:  # the key and the rendering use the same width
             text = cli_schema.print_config(argv, prog)
+            if text is not None:
+                help_cache.store(argv, prog, text)  # the full parser's output: kept as it would be
             if text is None:
                 text = help_cache.lookup(argv, prog)
             if text is None:
@@ -87,7 +90,10 @@ def main(args: list[str] | None = None, prog: str = "vss-lightning") -> None:
             sys.stdout.write(text)
             raise SystemExit(0)
     else:
-        mistake = cli_schema.precheck(argv, prog)
+        schema = cli_schema.load_schema()  # None: stale or disabled (the full parser answers)
+        mistake = None
+        if schema is not None:
+            mistake = cli_schema.precheck(argv, prog, schema) or cli_schema.value_error(argv, prog, schema)
         if mistake is not None:
             sys.stderr.write(mistake)
             raise SystemExit(EXIT_USAGE)

@@ -15,17 +15,22 @@ rendered once, by a developer, into `cli_schema.json` beside this file:
 stale silently. At run time `vss_lightning.cli.main` asks this module first, with the standard
 library only (this module imports nothing else at import time):
 
-- `lookup_help(argv, prog)`: the text of `[SUBCOMMAND] --help` (no other argument);
+- `lookup_help(argv, prog)`: the text of `[SUBCOMMAND] --help`, and of `SUBCOMMAND [--config FILE ...]
+  [--key value ...] --help` when `print_config` (below) applies every file and override for sure (the
+  full parser then prints the same help: config values are not shown as defaults);
 - `precheck(argv, prog)`: the two-line error (and exit status 2) of a misspelled option key, exactly
-  as the full parser prints it, e.g. `--model.segmenter.init_args.batch_sise 3`.
+  as the full parser prints it, e.g. `--model.segmenter.init_args.batch_sise 3`;
+- `value_error(argv, prog)`: the two-line error (exit status 2) of a value the full parser surely
+  refuses, e.g. `--model.label_mode clusters` or `--trainer.max_epochs 1.5`, exactly as it prints it
+  (rendered by `cli_values`, checked against the full parser when the snapshot is written).
 
-Both answer only when the snapshot is valid for this installation: the installed versions of
+They answer only when the snapshot is valid for this installation: the installed versions of
 Python, lightning, jsonargparse, docstring-parser, typeshed-client, torch and diffusers equal the
 recorded ones, and the sha256 of this package's source files (every `vss_lightning/**/*.py` but this
-module and `help_cache.py`, which do not shape the parser) equals the recorded one. Otherwise, and
+module and `help_cache.py`, which do not shape the parser; `cli_values.py` counts, so that its
+messages are checked again whenever it changes) equals the recorded one. Otherwise, and
 whenever a command line is outside what they can decide for sure, they return None and the caller
-builds the full parser (its `--help` output is then cached by `help_cache`). `--help` together with
-`--config FILE` always takes that path: slow the first time, cached after.
+builds the full parser (its `--help` output is then cached by `help_cache`).
 
 - `print_config(argv, prog)`: the output of `SUBCOMMAND [--config FILE ...] [--key value ...]
   --print_config` (no flags), byte for byte, from the tree the parser prints without arguments, the
@@ -39,7 +44,8 @@ builds the full parser (its `--help` output is then cached by `help_cache`). `--
 
 (Longer than 400 lines because answering exactly as jsonargparse would — its value reading, merge
 rules and YAML loader — is one concern that must stay in one stdlib-only module: splitting it would
-add imports to the fast path.)
+add imports to the fast path; the rendering of refused values' messages, imported when an override
+is checked, lives in `cli_values`.)
 
 Width: help is rendered for `HELP_COLUMNS` (100) columns. `help_cache.help_columns()` decides the
 width of every help the CLI prints, on both paths: `$COLUMNS` when set, else the terminal's width
@@ -53,9 +59,14 @@ option ...`). It stays silent (the full parser decides) on anything it cannot de
 options that take arbitrary sub-keys (e.g. `--trainer.logger.init_args.*`, `--data.shards.x`),
 segmenter keys when a config file or the command line names a class that could be another segmenter
 (or a config file points to more files), a config file it cannot read, short options, `--`, values
-starting with `-`, and anything it has not seen in the snapshot. Values are not validated: when a
-command line holds a misspelled key and also a bad value (or a bad config file), the fast path names
-the misspelled key where the full parser may name the other mistake first; both exit with status 2.
+starting with `-`, and anything it has not seen in the snapshot. `precheck` does not validate
+values: when a command line holds a misspelled key and also a bad value (or a bad config file), it
+names the misspelled key where the full parser may name the other mistake first; both exit with
+status 2. `value_error` answers only command lines without unknown keys: it walks the whole line
+with the `print_config` machinery and reports the first value that a key of a simple type (ints,
+floats, booleans, None, string Literals and their unions; `--flag/--no_flag` options) surely refuses;
+anything else it cannot apply for sure (a value in a config file, `null` below a class key, where
+jsonargparse reads it unevenly, a value form it does not read for sure) leaves it to the full parser.
 
 `$VSS_LIGHTNING_SCHEMA=off` disables the snapshot; `$VSS_LIGHTNING_SCHEMA=PATH` reads another file
 (for tests).
@@ -104,6 +115,15 @@ _COMMENT = re.compile(r"(^|\s)#.*$", re.MULTILINE)
 
 class _Undecided(Exception):
     """The command line holds something the snapshot cannot decide: the full parser answers."""
+
+
+class _Refused(_Undecided):
+    """A command-line value the full parser surely refuses (`value_error` prints its error)."""
+
+    def __init__(self, levels: list[tuple[str, str, str, str]], name: str, kind: Any, token: str,
+                 yes_no: str | None = None) -> None:  # fmt: skip
+        super().__init__(name)
+        self.levels, self.name, self.kind, self.token, self.yes_no = levels, name, kind, token, yes_no
 
 
 # --- validity ---------------------------------------------------------------------------------------
@@ -186,16 +206,25 @@ def lookup_help(
     `--print_config` and other widths return None: the full parser renders them (and `help_cache`
     stores them), slow the first time only.
     """
-    if not argv or len(argv) > 2 or argv[-1] not in HELP_FLAGS:
+    if not argv or argv[-1] not in HELP_FLAGS:
         return None
-    sub = argv[0] if len(argv) == 2 else ""
+    sub = argv[0] if len(argv) >= 2 else ""
     if sub.startswith("-"):
         return None
+    if len(argv) > 2:  # only a plain `SUB [--config FILE ...] [--key value ...] --help`
+        others = any(a in HELP_FLAGS or a.startswith(PRINT_FLAG) for a in argv[1:-1])
+        if sub not in SUBCOMMANDS or others or _env_driven():
+            return None
     if columns is None:
         columns = help_columns()
     schema = load_schema() if schema is None else schema
     if schema is None or columns != schema.get("columns"):
         return None
+    if len(argv) > 2:  # `SUB --config FILE [--key value ...] --help`: the help of SUB, once all apply
+        try:
+            _apply_argv(argv[:-1], schema["print_config"], None)
+        except (_Undecided, LookupError, TypeError, ValueError, AttributeError, RecursionError, OSError):
+            return None
     lines = schema.get("progs", {}).get(prog, {}).get("help", {}).get(sub)
     return "\n".join(lines) if isinstance(lines, list) else None
 
@@ -391,7 +420,17 @@ def _check_segmenter_class(init: Any, class_values: list[str], config_texts: lis
 # Anything the model cannot decide for sure raises `_Undecided` and the full parser answers.
 
 PRINT_FLAG = "--print_config"
+SUBCOMMANDS = ("predict", "test", "validate")
 _ENV_PREFIXES = ("JSONARGPARSE_", "PL_")  # environment-driven parsing settings and defaults
+# set by `seed_everything` (e.g. an earlier run in the same process): they do not shape the parser
+_SEED_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+def _env_driven() -> bool:
+    """Whether an environment variable may change what the full parser prints."""
+    return any(name.startswith(_ENV_PREFIXES) and name not in _SEED_ENV for name in os.environ)
+
+
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
 _INT = re.compile(r"-?(0|[1-9][0-9]*)")
 _FLOAT = re.compile(r"-?(0|[1-9][0-9]*)\.[0-9]+")
@@ -405,9 +444,9 @@ def print_config(argv: list[str], prog: str, schema: dict[str, Any] | None = Non
     Answered from a valid snapshot when every config file and override is one the snapshot can apply
     for sure (see above); None otherwise (the caller builds the full parser).
     """
-    if len(argv) < 2 or argv[0] not in ("predict", "test", "validate") or argv.count(PRINT_FLAG) != 1:
+    if len(argv) < 2 or argv[0] not in SUBCOMMANDS or argv.count(PRINT_FLAG) != 1:
         return None
-    if any(name.startswith(_ENV_PREFIXES) for name in os.environ):
+    if _env_driven():
         return None
     schema = load_schema() if schema is None else schema
     if schema is None or "print_config" not in schema or prog not in schema.get("progs", {}):
@@ -416,6 +455,51 @@ def print_config(argv: list[str], prog: str, schema: dict[str, Any] | None = Non
         return _print_config(argv, schema["print_config"])
     except (_Undecided, LookupError, TypeError, ValueError, AttributeError, RecursionError, OSError):
         return None
+
+
+def value_error(argv: list[str], prog: str, schema: dict[str, Any] | None = None) -> str | None:
+    """The full parser's error output (two lines) for the first value it surely refuses, or None.
+
+    Answered from a valid snapshot when the whole command line is one `print_config` can apply for
+    sure except for values of simple types (see `cli_values`) that the parser surely refuses; the
+    first of those, in command-line order, is the parser's error. The caller prints the text to stderr
+    and exits with status 2, as the full parser does. None otherwise (the caller builds the parser).
+    """
+    if len(argv) < 2 or argv[0] not in SUBCOMMANDS:
+        return None
+    if any(a in HELP_FLAGS or a.startswith(PRINT_FLAG) for a in argv):
+        return None
+    if _env_driven():
+        return None
+    schema = load_schema() if schema is None else schema
+    if schema is None or "print_config" not in schema:
+        return None
+    try:
+        return _value_error(argv, prog, schema)
+    except (_Undecided, LookupError, TypeError, ValueError, AttributeError, RecursionError, OSError):
+        return None
+
+
+def _value_error(argv: list[str], prog: str, schema: dict[str, Any]) -> str | None:
+    from vss_lightning import cli_values
+
+    errors = schema["progs"][prog]["errors"][argv[0]]
+    if "known_value" not in errors:
+        return None
+    refused: list[_Refused] = []
+    _apply_argv(argv, schema["print_config"], refused)
+    if not refused:
+        return None
+    first = refused[0]
+    if first.yes_no is not None:
+        text = cli_values.yes_no_message(first.yes_no, first.token)
+    else:
+        if not first.levels:  # a list-valued option would name the element
+            kind, nargs = schema["options"][argv[0]]["--" + first.name]
+            if kind != "value" or nargs not in (None, "?"):
+                return None
+        text = cli_values.message(first.levels, first.name, first.kind, first.token)
+    return cli_values.user_error(text, schema["known_sets"][errors["known_value"]], errors["hint"])
 
 
 def _yaml_loader() -> Any:
@@ -459,6 +543,17 @@ def _safe_load(text: str, loader: Any) -> Any:
 
 
 def _print_config(argv: list[str], snap: dict[str, Any]) -> str:
+    import yaml
+
+    state = _apply_argv(argv, snap, None)
+    header = "".join(f"# {line}\n" for line in snap["header"])
+    return header + yaml.safe_dump(state, default_flow_style=False, allow_unicode=True, sort_keys=False)
+
+
+def _apply_argv(argv: list[str], snap: dict[str, Any], refused: list[_Refused] | None) -> dict[str, Any]:
+    """The tree of `argv[0]` after the config files and overrides of `argv[1:]`, as the parser applies
+    them. A value it surely refuses raises `_Refused`, or, when `refused` is a list, is appended to it
+    and skipped (the rest must still be applied for sure)."""
     import copy
 
     import yaml
@@ -485,14 +580,21 @@ def _print_config(argv: list[str], snap: dict[str, Any]) -> str:
         value, i = _value(argv, i, inline if eq else None)
         if key in ("--config", "-c"):
             text = Path(value).expanduser().read_text(encoding="utf-8")
-            loaded = _safe_load(text, loader)
+            try:
+                loaded = _safe_load(text, loader)
+            except yaml.YAMLError:
+                raise _Undecided from None  # malformed, or a tag: the full parser reports it
             if not isinstance(loaded, dict) or all(v is None for v in loaded.values()):
                 raise _Undecided  # jsonargparse reads a mapping of only nulls as a string
             _apply_mapping(state, nodes, loaded, "", snap)
         else:
-            _apply_cli(state, nodes, key[2:], value, snap, loader)
-    header = "".join(f"# {line}\n" for line in snap["header"])
-    return header + yaml.safe_dump(state, default_flow_style=False, allow_unicode=True, sort_keys=False)
+            try:
+                _apply_cli(state, nodes, key[2:], value, snap, loader, snap["trees"][sub])
+            except _Refused as r:
+                if refused is None:
+                    raise
+                refused.append(r)
+    return state
 
 
 def _apply_mapping(state: dict[str, Any], nodes: dict[str, Any], data: dict[str, Any], prefix: str,
@@ -590,8 +692,10 @@ def _switch(current: Any, class_path: Any, node: dict[str, Any], snap: dict[str,
 
 
 def _apply_cli(state: dict[str, Any], nodes: dict[str, Any], key: str, token: str, snap: dict[str, Any],
-               loader: Any) -> None:  # fmt: skip
-    """Apply `--key token` from the command line."""
+               loader: Any, tree: dict[str, Any]) -> None:  # fmt: skip
+    """Apply `--key token` from the command line (`tree`: the parser's defaults, before any argument).
+
+    A value the full parser surely refuses raises `_Refused` before anything changes."""
     parts = key.split(".")
     for n in range(len(parts), 0, -1):
         path = ".".join(parts[:n])
@@ -601,6 +705,8 @@ def _apply_cli(state: dict[str, Any], nodes: dict[str, Any], key: str, token: st
         raise _Undecided
     node, rest = nodes[path], parts[n:]
     target = parts[:n]
+    name, default = path, _default(tree, target)
+    levels: list[tuple[str, str, str, str]] = []  # the class and group keys above (see cli_values)
     while rest:  # below a class key (`.class_path`, `.init_args.X`) or a group (`.field`)
         current = _get(state, target)
         if "class" in node:
@@ -609,18 +715,22 @@ def _apply_cli(state: dict[str, Any], nodes: dict[str, Any], key: str, token: st
                 return
             if len(rest) < 2 or rest[0] != "init_args" or not isinstance(current, dict):
                 raise _Undecided
+            levels.append((name, node.get("subtypes"), current["class_path"], ".".join(rest[1:])))
             spec = snap["classes"][current["class_path"]]
             node = spec["nodes"].get(rest[1])
             if node is None:
                 raise _Undecided
+            name, default = rest[1], spec["default"].get(rest[1])
             target, rest = [*target, "init_args", rest[1]], rest[2:]
         elif "group" in node and len(rest) == 1:
             group = snap["groups"][node["group"]]
             if rest[0] not in group["fields"]:
                 raise _Undecided
+            kind = group["fields"][rest[0]]
+            level = (name, node.get("subtypes"), node["group"], rest[0])
+            _refuse([*levels, level], rest[0], kind, token, group["default"].get(rest[0]))
             if current is None:
                 _get(state, target[:-1])[target[-1]] = current = json.loads(json.dumps(group["default"]))
-            kind = group["fields"][rest[0]]
             current[rest[0]] = _checked(_cli_value(token, kind, loader), kind)
             return
         else:
@@ -630,7 +740,33 @@ def _apply_cli(state: dict[str, Any], nodes: dict[str, Any], key: str, token: st
     parent = _get(state, target[:-1])
     if target[-1] not in parent:
         raise _Undecided
+    if "yes_no" in node:  # `--flag/--no_flag`: argparse checks the value itself
+        from vss_lightning import cli_values
+
+        if levels:
+            raise _Undecided
+        if node["yes_no"] and cli_values.yes_no_refused(token):
+            raise _Refused(levels, name, node["leaf"], token, node["yes_no"])
+    else:
+        _refuse(levels, name, node["leaf"], token, default)
     parent[target[-1]] = _checked(_cli_value(token, node["leaf"], loader), node["leaf"])
+
+
+def _default(tree: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(part)
+    return tree
+
+
+def _refuse(levels: list[tuple[str, str, str, str]], name: str, kind: Any, token: str, default: Any) -> None:
+    """Raise `_Refused` when the full parser surely refuses `token` for this key (see `cli_values`)."""
+    from vss_lightning import cli_values
+
+    rendered = all(isinstance(level[1], str) for level in levels)  # an older snapshot lacks the texts
+    if rendered and cli_values.refused(kind, token, default, nested=bool(levels)):
+        raise _Refused(levels, name, kind, token)
 
 
 def _has_str(kind: Any) -> bool:
@@ -641,6 +777,7 @@ def _has_str(kind: Any) -> bool:
 
 def _cli_value(token: str, kind: Any, loader: Any) -> Any:
     """A command-line value as the full parser reads it, for the plain forms it reads surely."""
+    import yaml
 
     if _has_str(kind):  # the parser's string fallbacks: only words that read as themselves
         if not _WORD.fullmatch(token) or token.lower() in _YAML_WORDS or Path(token).is_file():
@@ -654,7 +791,10 @@ def _cli_value(token: str, kind: Any, loader: Any) -> Any:
             raise _Undecided
     if Path(token).is_file():
         raise _Undecided
-    return _safe_load(token, loader)
+    try:
+        return _safe_load(token, loader)
+    except yaml.YAMLError:
+        raise _Undecided from None
 
 
 def _checked(value: Any, kind: Any) -> Any:

@@ -22,6 +22,7 @@ from vss_lightning.cli_schema import (
     installed_versions,
     precheck,
     source_hash,
+    value_error,
 )
 from vss_lightning.help_cache import HELP_COLUMNS
 
@@ -258,26 +259,31 @@ def _class_path(cls: type) -> str:
 
 def _node(action: Any, found: dict[str, Any]) -> dict[str, Any] | None:
     """The fast path's node of a parser action (a leaf, a settings group or a class key), or None."""
+    import argparse
     import dataclasses
     import typing
 
     from jsonargparse import ActionYesNo
-    from jsonargparse._typehints import ActionTypeHint, get_all_subclass_paths
+    from jsonargparse._typehints import ActionTypeHint, get_all_subclass_paths, sort_subtypes_for_union
 
-    if isinstance(action, ActionYesNo):
-        return {"leaf": "bool"}
+    if isinstance(action, ActionYesNo):  # argparse's own error for a value it refuses (cli_values)
+        name = getattr(action.type, "__name__", repr(action.type))
+        prefix = f"argument {argparse._get_action_name(action)}: invalid {name} value: "
+        return {"leaf": "bool", "yes_no": prefix}
     if type(action) is not ActionTypeHint:
         return None
     hint = action._typehint
     members = [a for a in typing.get_args(hint) if a is not type(None)]
     if len(members) == 1 and len(typing.get_args(hint)) == 2 and isinstance(members[0], type):
+        # `Class | None` as jsonargparse's union errors list it (`cli_values`)
+        subtypes = str(sort_subtypes_for_union(typing.get_args(hint), None, None, False))
         if dataclasses.is_dataclass(members[0]):
             found["groups"].add(members[0])
-            return {"group": _class_path(members[0])}
+            return {"group": _class_path(members[0]), "subtypes": subtypes}
         if _type_kind(members[0]) == "class":
             paths = [p for p in get_all_subclass_paths(members[0]) if p.startswith("vss_lightning.")]
             found["classes"].update(paths)
-            return {"class": sorted(paths)}
+            return {"class": sorted(paths), "subtypes": subtypes}
     return {"leaf": _type_kind(hint)}
 
 
@@ -445,12 +451,17 @@ def build_schema() -> dict[str, Any]:
                     raise RuntimeError(
                         f"unexpected error output for an unknown segmenter argument: {init_lines}"
                     )
+                value_argv = [sub, _int_option(subparsers[sub]), "zz_bad_value"]
+                value_lines, [(_, value_known, _)] = _probe(lc, parser, value_argv)
+                if len(value_lines) != 2 or value_lines[1] != lines[1]:
+                    raise RuntimeError(f"unexpected error output for a refused value: {value_lines}")
                 errors[sub] = {
                     "hint": lines[1],
                     "unrecognized": prefix,
                     "known_unrecognized": known_index(known),
                     "not_an_option": first.replace(key, "{key}"),
                     "known_not_an_option": known_index(init_known),
+                    "known_value": known_index(value_known),
                 }
             progs[prog] = {"errors": errors, "help": helps}
         # Last: it imports every module of the package's pipeline (a class path given in a config
@@ -469,6 +480,7 @@ def build_schema() -> dict[str, Any]:
         "print_config": printing,
     }
     _self_check(lc, schema)
+    _check_value_errors(printing_parser[0], schema)
     return schema
 
 
@@ -491,6 +503,86 @@ def _self_check(lc: Any, schema: dict[str, Any]) -> None:
                 raise RuntimeError(
                     f"the fast path answers {argv} with {fast!r}, the full parser with {lines}"
                 )
+
+
+def _int_option(parser: Any) -> str:
+    """An option of `parser` that takes one int (to probe the error of a refused value)."""
+    from jsonargparse._typehints import ActionTypeHint
+
+    for action in parser._actions:
+        if type(action) is ActionTypeHint and action._typehint is int and action.nargs is None:
+            return action.option_strings[0]
+    raise RuntimeError("the CLI parser has no int option")
+
+
+VALUE_TOKENS = ("zz_bad", "a", "2", "1.5", "true", "null")  # "a": jsonargparse's union clean-up removes " a "
+
+
+def _value_slots(snap: dict[str, Any], sub: str) -> list[tuple[list[str], str, Any, tuple[str, ...]]]:
+    """(argv before, option, kind, nesting) of each key of `sub` whose refused values `cli_values` renders:
+    top-level keys, settings-group fields, and init_args of every class a class key takes (given by a
+    class_path switch before), at every nesting."""
+    from vss_lightning import cli_values
+
+    slots: list[tuple[list[str], str, Any, tuple[str, ...]]] = []
+
+    def group(prefix: list[str], key: str, node: dict[str, Any], shape: tuple[str, ...]) -> None:
+        for field, kind in snap["groups"][node["group"]]["fields"].items():
+            slots.append((prefix, f"--{key}.{field}", kind, (*shape, "group")))
+
+    def classes(prefix: list[str], key: str, node: dict[str, Any], shape: tuple[str, ...]) -> None:
+        for path in node["class"]:
+            if path not in snap["classes"] or len(shape) > 3:
+                continue
+            before = [*prefix, f"--{key}.class_path", path]
+            for arg, arg_node in snap["classes"][path]["nodes"].items():
+                arg_key = f"{key}.init_args.{arg}"
+                if "leaf" in arg_node:
+                    slots.append((before, "--" + arg_key, arg_node["leaf"], (*shape, "class")))
+                elif "group" in arg_node:
+                    group(before, arg_key, arg_node, (*shape, "class"))
+                elif "class" in arg_node:
+                    classes(before, arg_key, arg_node, (*shape, "class"))
+
+    for path, node in snap["nodes"][sub].items():
+        if "leaf" in node:
+            slots.append(([], "--" + path, node["leaf"] if "yes_no" not in node else "yes_no", ()))
+        elif "group" in node:
+            group([], path, node, ())
+        elif "class" in node:
+            classes([], path, node, ())
+    return [s for s in slots if s[2] == "yes_no" or cli_values.members(s[2]) is not None]
+
+
+def _check_value_errors(parser: Any, schema: dict[str, Any]) -> None:
+    """`cli_schema.value_error` prints exactly the full parser's error for refused values: each kind of
+    key with each kind of value, each nesting (class init_args, settings groups) with two."""
+    sub, prog = "predict", "vss-lightning"
+    seen_kinds: set[str] = set()
+    seen: set[tuple[Any, ...]] = set()
+    wrong, answered = [], 0
+    for before, key, kind, shape in _value_slots(schema["print_config"], sub):
+        kind_text = json.dumps(kind)
+        if (shape, kind_text) in seen:
+            continue
+        seen.add((shape, kind_text))
+        if kind == "yes_no":
+            tokens: tuple[str, ...] = ("zz_bad", "on", "1", "yes")
+        else:
+            tokens = VALUE_TOKENS if kind_text not in seen_kinds else ("zz_bad", "null")
+        seen_kinds.add(kind_text)
+        for token in tokens:
+            argv = [sub, *before, key, token]
+            fast = value_error(argv, prog, schema)
+            if fast is None:
+                continue
+            answered += 1
+            code, out, err = real_print_config(parser, argv)
+            if (code, out, err) != (2, "", fast):
+                wrong.append(f"{argv}: the fast path prints {fast!r}, the full parser {code} {err!r}")
+    if wrong or not answered:
+        found = "\n".join(wrong[:5]) or "no refused value was answered"
+        raise RuntimeError(f"cli_values renders refused values unlike the full parser:\n{found}")
 
 
 def dumps(schema: dict[str, Any]) -> str:
