@@ -645,3 +645,51 @@ def test_lightning_test_with_a_vocabulary_scores_the_global_ids_apply_writes(tmp
     )
     local_score = evaluate(str(local), shards, num_classes=4, matching="dataset")
     assert local_score["mIoU"] != pytest.approx(metrics["mIoU"])  # the check can tell local ids apart
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_corpus_path_end_to_end_on_camvid_shards(tmp_path):
+    """predict (smoke config) -> fit -> apply -> evaluate with dataset matching, and with names.yaml and no
+    matching, on shards of real CamVid frames (three 4-frame videos cut from the sequence, with their
+    ground truth and a manifest recording the 11 class names)."""
+    from conftest import CAMVID
+    from shards import Video, predict_args, video_samples, write_shard
+
+    from data_tools.camvid import CLASSES_11
+    from vss_lightning.cli import main as cli_main
+    from vss_lightning.evaluate import evaluate
+
+    images = sorted((CAMVID / "images").glob("*.png"))[:12]
+    if len(images) < 12:
+        pytest.skip(f"real data not present: {CAMVID} (the shared data folder is only on project machines)")
+    size = (192, 128)
+    frames = np.stack([np.asarray(Image.open(p).convert("RGB").resize(size)) for p in images])
+    gt = np.stack(
+        [np.asarray(Image.open(CAMVID / "labels" / p.name).resize(size, Image.NEAREST)) for p in images]
+    )
+    gt = np.where(gt == 11, 255, gt).astype(np.uint8)  # the SegNet release's void (11) is ignored
+    folder = tmp_path / "shards"
+    samples = []
+    for v in range(3):
+        sl = slice(4 * v, 4 * v + 4)
+        video = Video(f"camvid{v}", frames[sl], gt[sl], [p.stem for p in images[sl]])
+        samples += video_samples(video, labelled=True, num_classes=11)
+    write_shard(folder / "camvid-000000.tar", samples)
+    (folder / "manifest.json").write_text(
+        json.dumps({"shards": [{"name": "camvid-000000.tar"}], "num_classes": 11, "class_names": CLASSES_11})
+    )
+    local, vocab, applied = tmp_path / "local", tmp_path / "vocab", tmp_path / "global"
+    cli_main(predict_args(str(folder), local))
+    main(["fit", "--labels", str(local), "--num_classes", "4", "--out", str(vocab), "--shards", str(folder)])
+    main(["apply", "--labels", str(local), "--vocab", str(vocab), "--out", str(applied)])
+    assert sorted(p.name for p in applied.iterdir() if p.is_dir()) == ["camvid0", "camvid1", "camvid2"]
+    ids = {int(i) for p in applied.glob("*/*.png") for i in np.unique(np.asarray(Image.open(p)))}
+    assert ids <= set(range(4))  # global ids, the same meaning in every video
+    scored = evaluate(str(applied), str(folder), matching="dataset")
+    assert scored["videos"] == 3 and scored["frames"] == 12 and 0.0 <= scored["mIoU"] <= 1.0
+    assert (vocab / "index.html").is_file() and len(list((vocab / "sheets").glob("class_*.png"))) == 4
+    # A names.yaml (as the naming page exports it) scores the global ids with no matching at all.
+    (tmp_path / "names.yaml").write_text("0: road\n1: sky\n2: building\n3: tree\n")
+    names = load_names(tmp_path / "names.yaml", 4)
+    by_name = evaluate(str(applied), str(folder), matching="none", names=names)
+    assert by_name["frames"] == 12 and 0.0 <= by_name["mIoU"] <= 1.0
