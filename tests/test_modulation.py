@@ -239,3 +239,42 @@ def test_frames_already_emitted_are_neither_modulated_nor_decoded_and_labels_do_
     # the second batch: one + and one - unit per label of frame 3 only (the plain path: of frames 1-3)
     assert skipping_images[1] == 2 * int(skipping[1].coarse[0].unique().numel())
     assert plain_images[1] > skipping_images[1]
+
+
+def test_processors_are_installed_once_per_batch_not_per_chunk_of_units(monkeypatch):
+    """With a small budget the units run in many chunks; the controlled processors are installed once
+    for the batch (and the UNet's own processors restored after), with the labels unchanged."""
+    from vss_lightning.pipeline.modulation import Modulation
+    from vss_lightning.pipeline.segmenter import VideoSegmenter
+    from vss_lightning.pipeline.settings import ContextSettings
+
+    frames = torch.randint(
+        0, 255, (2, 3, 64, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    seg = VideoSegmenter(
+        TinyStableDiffusion(),
+        context=ContextSettings(batch_size=2, num_clusters=4, kmeans_n_init=1),
+        speed=SpeedSettings(max_batch_images=4),  # one unit (2 signs x 2 CFG branches) per UNet forward
+    ).load()
+    unet = seg._loaded.unet
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    installs = []
+    original = type(unet).set_attn_processor
+    monkeypatch.setattr(
+        type(unet), "set_attn_processor", lambda self, p: installs.append(1) or original(self, p)
+    )
+    once = seg.segment(frames, key="v").labels
+    per_batch = len(installs)  # unmodulated pass + modulation: install and restore each
+    assert per_batch == 4
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+
+    processors = Modulation.processors
+
+    def every_chunk(self):  # the earlier behaviour: a fresh install per chunk of units
+        self._control = None
+        return processors(self)
+
+    monkeypatch.setattr(Modulation, "processors", every_chunk)
+    installs.clear()
+    assert torch.equal(seg.segment(frames, key="v").labels, once)
+    assert len(installs) > per_batch

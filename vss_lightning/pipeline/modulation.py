@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -125,6 +125,7 @@ class Modulation(ABC):
         self.sampler = sampler
         check_steps(settings, sampler.steps)
         self.layers = self._modulated_layers(settings)
+        self._control: AttentionControl | None = None  # set while `processors` is entered
         missing = [n for n in self.layers if n not in sampler.layers]
         if missing:
             raise ValueError(f"Expected the modulated layers {missing} to be decoder attentions of the UNet.")
@@ -175,6 +176,24 @@ class Modulation(ABC):
             terms[name] = torch.cat([t, t])  # both CFG branches
         return terms
 
+    @contextmanager
+    def processors(self) -> Iterator[AttentionControl]:
+        """The controlled processors of the modulated and injected layers, installed once for every
+        unit run inside the block (`labels` wraps a whole batch's units in it); re-entering it inside
+        reuses the installed ones."""
+        if self._control is not None:
+            yield self._control
+            return
+        sm = self.sampler
+        injecting = self.s.inject and bool(sm.qk_layers)
+        layers = sorted(set(self.layers) | (set(sm.qk_layers) if injecting else set()))
+        with installed_processors(sm.bb.unet, layers, AttentionControl()) as control:
+            self._control = control
+            try:
+                yield control
+            finally:
+                self._control = None
+
     @torch.no_grad()
     def _run_steps(
         self,
@@ -202,9 +221,7 @@ class Modulation(ABC):
         """
         sm = self.sampler
         injecting = self.s.inject and bool(sm.qk_layers)
-        layers = sorted(set(self.layers) | (set(sm.qk_layers) if injecting else set()))
-        control = AttentionControl()
-        with installed_processors(sm.bb.unet, layers, control):
+        with self.processors() as control:
             for step in sm.steps:
                 control.reset()
                 if injecting:
@@ -257,8 +274,11 @@ class Modulation(ABC):
             )
         s = self.s
         vote = LabelVote(coarse.shape[0] - first, output_size, coarse.device)
-        for latents, frames, masks, labels in self._units(record, coarse, first):
-            images = self.sampler.decode(latents)
-            strength = s.filter_strength if s.mask_filter else None
-            add_unit_votes(vote, images, frames - first, masks, labels, s.blur_kernel, s.blur_sigma, strength)
+        with self.processors():  # installed once for all the batch's units, not per chunk of units
+            for latents, frames, masks, labels in self._units(record, coarse, first):
+                images = self.sampler.decode(latents)
+                strength = s.filter_strength if s.mask_filter else None
+                add_unit_votes(
+                    vote, images, frames - first, masks, labels, s.blur_kernel, s.blur_sigma, strength
+                )
         return vote.best
