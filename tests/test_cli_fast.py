@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from shards import CONFIGS, subprocess_env
@@ -256,6 +257,17 @@ print(json.dumps({"results": results, "heavy": [m for m in sys.argv[2:] if m in 
 """
 
 
+def _probe(fresh: dict, cwd: Path, calls: list) -> dict:
+    """Run `calls` ([prog, argv] each) in a fresh interpreter with the fresh snapshot; its answers and the
+    heavy libraries it imported."""
+    env = subprocess_env(VSS_LIGHTNING_CACHE="off", VSS_LIGHTNING_SCHEMA=str(fresh["path"]))
+    env.pop("COLUMNS", None)
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(calls), *HEAVY], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=cwd)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_help_and_a_misspelled_key_import_no_heavy_library(fresh, tmp_path):
     """A fresh process answers `--help`, `predict --help` and a misspelled key from the snapshot: no
     torch, Lightning, jsonargparse or diffusers import, the full parser's texts, exit statuses 0 and 2."""
@@ -266,12 +278,7 @@ def test_help_and_a_misspelled_key_import_no_heavy_library(fresh, tmp_path):
         ["lightning", ["test", "-h"]],
         ["vss-lightning", misspelled],
     ]
-    env = subprocess_env(VSS_LIGHTNING_CACHE="off", VSS_LIGHTNING_SCHEMA=str(fresh["path"]))
-    env.pop("COLUMNS", None)
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(calls), *HEAVY], capture_output=True,
-                          text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    answer = _probe(fresh, tmp_path, calls)
     assert answer["heavy"] == []
     helps = fresh["schema"]["progs"]
     for (prog, argv), (code, out, err) in zip(calls[:3], answer["results"][:3], strict=True):
@@ -372,11 +379,7 @@ def test_print_config_from_the_snapshot_is_the_full_parsers_byte_for_byte(fresh,
 def test_print_config_imports_no_heavy_library(fresh, tmp_path):
     fast = fresh["cases"]["fast"]
     calls = [["vss-lightning", fast[0]], ["lightning", fast[-3]], ["vss-lightning", fast[-1]]]
-    env = subprocess_env(VSS_LIGHTNING_CACHE="off", VSS_LIGHTNING_SCHEMA=str(fresh["path"]))
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(calls), *HEAVY], capture_output=True,
-                          text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    answer = _probe(fresh, tmp_path, calls)
     assert answer["heavy"] == []
     for (_, argv), (code, out, err) in zip(calls, answer["results"], strict=True):
         assert code == 0 and err == "" and out == fresh["print_config"][tuple(argv)][1], argv
@@ -425,12 +428,7 @@ def test_help_after_config_files_is_the_plain_help(fresh):
 def test_a_refused_value_and_help_after_a_config_import_no_heavy_library(fresh, tmp_path):
     refused = fresh["values"]["refused"]
     calls = [["vss-lightning", refused[0]], ["lightning", refused[10]], ["vss-lightning", HELP_CASES[1]]]
-    env = subprocess_env(VSS_LIGHTNING_CACHE="off", VSS_LIGHTNING_SCHEMA=str(fresh["path"]))
-    env.pop("COLUMNS", None)
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(calls), *HEAVY], capture_output=True,
-                          text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    answer = _probe(fresh, tmp_path, calls)
     assert answer["heavy"] == []
     (code0, out0, err0), (code1, out1, err1), (code2, out2, err2) = answer["results"]
     assert (code0, out0, err0) == (cli.EXIT_USAGE, "", fresh["print_config"][tuple(refused[0])][2])
