@@ -466,3 +466,15 @@ def test_a_folder_with_png_videos_and_label_shards_is_an_error(predicted, tmp_pa
     (both / "labels-rank001-000000.tar").write_bytes(b"not a tar" * 100)
     with pytest.raises(EvaluationError, match=r"shard .*labels-rank001-000000.tar' to be a readable tar"):
         evaluate(str(both), gt)
+
+
+def test_only_unfinished_label_shards_is_a_clear_error(predicted, tmp_path):
+    """A `--pred` holding only `.tar.tmp` label shards (a predict still running, or killed) says so, instead
+    of reporting every frame's png as missing."""
+    gt, _, tars = predicted
+    running = tmp_path / "running"
+    running.mkdir()
+    [tar] = sorted(tars.glob("labels-rank*.tar"))[:1]
+    shutil.copy(tar, running / (tar.name + ".tmp"))
+    with pytest.raises(EvaluationError, match="only unfinished label shards .*Let it finish, or rerun it"):
+        evaluate(str(running), gt)

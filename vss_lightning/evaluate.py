@@ -283,6 +283,13 @@ def open_predictions(pred_dir: str) -> Predictions:
         raise EvaluationError(f"Expected `--pred` to be a directory, but got {pred_dir!r}.")
     tars = sorted(Path(pred_dir).glob(LABEL_SHARDS))
     if not tars:
+        unfinished = sorted(Path(pred_dir).glob(LABEL_SHARDS + ".tmp"))
+        if unfinished and _png_video_folder(pred_dir) is None:
+            raise EvaluationError(
+                f"Expected finished predictions in `--pred` {pred_dir!r}, but it holds only unfinished label "
+                f"shards ({str(unfinished[0])!r}): the `predict` writing them is still running or was "
+                "stopped. Let it finish, or rerun it with the same --output_dir to complete them."
+            )
         return PngPredictions(pred_dir)
     folder = _png_video_folder(pred_dir)
     if folder is not None:
