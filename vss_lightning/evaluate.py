@@ -50,6 +50,7 @@ from vss_lightning.data.reader import tar_samples
 from vss_lightning.data.shards import MANIFEST, dataset_info, resolve_shards
 from vss_lightning.metrics import VideoSegmentationMetrics
 from vss_lightning.vocabulary.corpus import LABEL_SHARDS, ShardVideo, tar_videos
+from vss_lightning.vocabulary.sheet import class_ids_of_names
 
 PRED_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
 GT_ARG = "--gt"
@@ -476,16 +477,11 @@ def _names_to_classes(
             "Rebuild the shards with `python -m data_tools` (it records them for known datasets), or use "
             "`--matching dataset` instead."
         )
-    index = {str(n).strip().lower(): c for c, n in enumerate(class_names)}
+    found, unknown = class_ids_of_names(names, class_names)
     size = max([*names, 0]) + 2  # the last entry takes every id beyond the named ones
     lut = torch.full((size,), num_classes, dtype=torch.long)
-    unknown = []
-    for g, name in names.items():
-        c = index.get(name.strip().lower())
-        if c is None:
-            unknown.append(name)
-        else:
-            lut[g] = c
+    for g, c in found.items():
+        lut[g] = c
     if unknown:
         print(
             f"warning: names not among the dataset's classes (counted as wrong): {unknown}", file=sys.stderr

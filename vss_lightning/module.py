@@ -199,6 +199,12 @@ class ZeroShotVSS(L.LightningModule):
         self._use_vocabulary()
         self._reset_videos()
 
+    def _dataset_info(self) -> Any:
+        """The datamodule's `dataset_info` (the shards' manifest: `num_classes`, `class_names`), or None
+        without a trainer or such a datamodule."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "dataset_info", None)
+
     def naming_class_names(self) -> list[str] | None:
         """The class names the labels are scored for: `class_names` as given, else (for `open_vocab`)
         the shards' manifest `class_names`; None without naming (and always in `first_frame_gt`, whose
@@ -212,11 +218,7 @@ class ZeroShotVSS(L.LightningModule):
             return None
         if self._names_resolved:
             return self._class_names
-        info = (
-            getattr(getattr(self._trainer, "datamodule", None), "dataset_info", None)
-            if self._trainer
-            else None
-        )
+        info = self._dataset_info()
         manifest = getattr(info, "class_names", None)
         where = ", ".join(getattr(info, "manifests", ())) or "the shards' manifest.json"
         names = resolve_class_names(self._class_names, manifest, where, self.label_mode == "open_vocab")
@@ -270,14 +272,10 @@ class ZeroShotVSS(L.LightningModule):
         Raises:
             ValueError: if the shards' manifest records no class names (naming it and the fix).
         """
-        from vss_lightning.vocabulary.sheet import load_names
+        from vss_lightning.vocabulary.sheet import class_ids_of_names, load_names
 
         names = load_names(self.vocabulary_names, num_global)
-        info = (
-            getattr(getattr(self._trainer, "datamodule", None), "dataset_info", None)
-            if self._trainer
-            else None
-        )
+        info = self._dataset_info()
         classes = getattr(info, "class_names", None)
         if not classes:
             raise ValueError(
@@ -286,17 +284,14 @@ class ZeroShotVSS(L.LightningModule):
                 "data_tools` (it records them for known datasets), or score the global ids with "
                 "--model.matching dataset."
             )
-        index = {str(n).strip().lower(): c for c, n in enumerate(classes)}
         ignore = self.segmenter.context.ignore_index
-        unknown = sorted({n for n in names.values() if n.strip().lower() not in index})
+        found, unknown = class_ids_of_names(names, classes)
         if unknown:
             log.warning(
                 f"Names of {self.vocabulary_names} that are not the dataset's classes (written as "
-                f"{ignore}): {unknown}"
+                f"{ignore}): {sorted(set(unknown))}"
             )
-        return [
-            index.get(names[g].strip().lower(), ignore) if g in names else ignore for g in range(num_global)
-        ]
+        return [found.get(g, ignore) for g in range(num_global)]
 
     def _loaded_vocabulary(self) -> tuple[torch.Tensor, dict[str, str]]:
         """The vocabulary's centroids and metadata, read once (the hash and the labelling share them)."""
@@ -312,8 +307,7 @@ class ZeroShotVSS(L.LightningModule):
         Raises:
             ValueError: if neither tells C, or the given value disagrees with the manifest.
         """
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        info = getattr(datamodule, "dataset_info", None)
+        info = self._dataset_info()
         manifest = getattr(info, "num_classes", None)
         where = ", ".join(getattr(info, "manifests", ()))
         if self._given_num_classes is None:

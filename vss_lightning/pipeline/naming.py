@@ -356,6 +356,21 @@ class ClassNamer:
         return maps.permute(0, 2, 3, 1).contiguous()  # (B, h, w, C)
 
 
+def normalized_scores(
+    class_scores: torch.Tensor, score_range: torch.Tensor | None, normalize: Normalize = "video"
+) -> torch.Tensor:
+    """(L, C) float64 per-label mean class scores as `normalize` compares them: "video" min-max
+    normalises each class with the video's (2, C) `score_range` (the mean of a normalised map is the
+    normalised mean, so this is exact); "frame" (normalised already) and "none" are as given."""
+    s = class_scores.double()
+    if normalize == "video":
+        if score_range is None:
+            raise ValueError("Expected the video's score range for `naming.normalize: video`, but got none.")
+        lo, hi = score_range[0].double(), score_range[1].double()
+        s = (s - lo) / (hi - lo).clamp_min(1e-12)
+    return s
+
+
 def label_classes(
     class_scores: torch.Tensor,
     score_range: torch.Tensor | None,
@@ -376,12 +391,7 @@ def label_classes(
         unknown_threshold: labels whose best score is below it get `unknown_id`.
         unknown_id: the id of unknown labels.
     """
-    s = class_scores.double()
-    if normalize == "video":
-        if score_range is None:
-            raise ValueError("Expected the video's score range for `naming.normalize: video`, but got none.")
-        lo, hi = score_range[0].double(), score_range[1].double()
-        s = (s - lo) / (hi - lo).clamp_min(1e-12)
+    s = normalized_scores(class_scores, score_range, normalize)
     best, cls = s.max(1) if s.numel() else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
     out = {}
     for label, b, c in zip(labels, best.tolist(), cls.tolist(), strict=True):

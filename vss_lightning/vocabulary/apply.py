@@ -106,7 +106,7 @@ def remap_prototypes(prototypes: VideoPrototypes, mapping: dict[int, int]) -> Vi
 
     frames = torch.zeros((uniq.numel(), prototypes.frames.shape[1]), dtype=torch.int64)
     frames = frames.index_add_(0, inverse, prototypes.frames.long()).clamp(max=1).to(torch.uint8)
-    scores = getattr(prototypes, "class_scores", None)  # optional (class names given)
+    scores = prototypes.class_scores  # optional (class names given)
     extra = {"class_scores": pool(scores)} if scores is not None else {}
     return dataclasses.replace(
         prototypes, labels=uniq, features=pool(prototypes.features), cells=cells, frames=frames, **extra

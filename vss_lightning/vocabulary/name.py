@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vss_lightning.io.files import atomic_write
-from vss_lightning.pipeline.naming import Normalize
+from vss_lightning.pipeline.naming import Normalize, normalized_scores
 
 from .apply import global_map
 from .corpus import Corpus
@@ -72,10 +72,7 @@ def name_vocabulary(
             )
         if not p.labels.numel():
             continue
-        scores = p.class_scores.double()
-        if normalize == "video":
-            lo, hi = p.score_range[0].double(), p.score_range[1].double()
-            scores = (scores - lo) / (hi - lo).clamp_min(1e-12)
+        scores = normalized_scores(p.class_scores, p.score_range, normalize)
         mapping = global_map(p, centroids)
         ids = torch.tensor([mapping[label] for label in p.labels.tolist()])
         totals.index_add_(0, ids, scores * p.cells.double()[:, None])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,6 +225,23 @@ def load_names(path: Path, num_classes: int | None = None) -> dict[int, str]:
             )
         names[key] = value.strip()
     return names
+
+
+def class_ids_of_names(names: dict[int, str], class_names: Sequence[str]) -> tuple[dict[int, int], list[str]]:
+    """The dataset class id of each named id (names compared trimmed and case-insensitively).
+
+    Returns:
+        (id -> class id for the names that are dataset classes, the names that are not, in order).
+    """
+    index = {str(n).strip().lower(): c for c, n in enumerate(class_names)}
+    found, unknown = {}, []
+    for g, name in names.items():
+        c = index.get(name.strip().lower())
+        if c is None:
+            unknown.append(name)
+        else:
+            found[g] = c
+    return found, unknown
 
 
 def log_to_wandb(vocab: Path, classes: list[dict], project: str, names: dict[int, str] | None = None) -> None:
