@@ -7,8 +7,11 @@ the tiny backbone runs fast; optional labels mark the rectangles. Helpers also m
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import json
+import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -164,6 +167,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _forked_cli(args: list[str], log: str) -> None:
+    """The child of `forked_cli`: one torch thread, output to `log`, `cli.main(args)` (its SystemExit
+    code becomes the exit code)."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115 (the child's life)
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):  # made under the parent's output capture
+            if type(handler) is logging.StreamHandler:
+                handler.setStream(sys.stderr)
+    torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(240, file=sys.stderr)  # a hung child says where, in its log
+    from vss_lightning import cli
+
+    cli.main(args)
+
+
+def forked_cli(args: list[str], log: Path) -> multiprocessing.process.BaseProcess:
+    """Run `vss_lightning.cli.main(args)` in a forked child of this test process and return it (started).
+
+    For tests that kill or race whole jobs: the child starts with everything already imported, so it
+    skips the ~10-15 s a fresh interpreter spends importing torch, Lightning and diffusers on a 2-core
+    machine (how the scripts start is tested by `reference_run` and the DDP tests, which run them).
+    `proc.kill()` is SIGKILL, `proc.terminate()` SIGTERM; `proc.exitcode` is the CLI's exit status.
+    The child's output goes to `log`.
+    """
+    proc = multiprocessing.get_context("fork").Process(target=_forked_cli, args=(list(args), str(log)))
+    proc.start()
+    return proc
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

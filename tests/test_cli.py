@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from shards import done_records, label_files, predict_args, reference_run, subprocess_env
+from shards import done_records, forked_cli, label_files, predict_args, reference_run, subprocess_env
 
 from vss_lightning import cli
 from vss_lightning.data.datamodule import VideoShardDataModule
@@ -151,12 +151,12 @@ def test_lightning_script_hands_other_subcommands_to_lightning_sdk(tmp_path):
     assert out.returncode == 2 and "training-free" in out.stderr and "FAKE-SDK" not in out.stdout
 
 
-def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        args, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+def test_python_dash_m_runs_the_cli():
+    """`python -m vss_lightning` is the same CLI as the scripts (help comes from the fast path)."""
+    proc = subprocess.run([sys.executable, "-m", "vss_lightning", "predict", "--help"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    assert proc.stdout.startswith("usage: vss-lightning") and "--model.segmenter" in proc.stdout
 
 
 def _summary(out: Path) -> dict:
@@ -199,17 +199,16 @@ def test_predict_rerun_skips_and_a_killed_run_resumes(tmp_path, tmp_path_factory
     assert (total["videos"], total["skipped_videos"], total["skipped_frames"]) == (0, len(videos), n_frames)
     assert {rel: (out / rel).stat().st_mtime_ns for rel in labels} == mtimes
 
-    # 3. `python -m vss_lightning predict`, SIGKILLed once the first video is done, then run again.
+    # 3. A job SIGKILLed once the first video is done (a forked child of this process: no interpreter
+    #    start to wait for), then run again.
     resumed = tmp_path / "resumed"
-    args = [sys.executable, "-m", "vss_lightning", *predict_args(shards, resumed)]
-    proc = subprocess.Popen(
-        args, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = forked_cli(predict_args(shards, resumed), tmp_path / "killed.log")
     deadline = time.monotonic() + 180
-    while not list(resumed.glob("*/DONE")) and proc.poll() is None and time.monotonic() < deadline:
+    while not list(resumed.glob("*/DONE")) and proc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.kill()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     done_at_kill = len(list(resumed.glob("*/DONE")))
     assert 1 <= done_at_kill < len(videos), "the run should have been killed midway"
     torch_threads = torch.get_num_threads()
@@ -228,17 +227,14 @@ def test_predict_rerun_skips_and_a_killed_run_resumes(tmp_path, tmp_path_factory
 def test_sigterm_stops_after_the_current_video(tmp_path, tmp_path_factory):
     """Lightning's predict loop ignores SIGTERM; the writer stops the job after the sample in hand."""
     videos, shards, _ = reference_run(tmp_path_factory.getbasetemp())
-    out = tmp_path / "out"
-    args = [str(BIN / "vss-lightning"), *predict_args(shards, out)]
-    proc = subprocess.Popen(
-        args, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    proc = forked_cli(predict_args(shards, out), log)  # a whole job in a forked child of this process
     deadline = time.monotonic() + 180
-    while not list(out.glob("*/DONE")) and proc.poll() is None and time.monotonic() < deadline:
+    while not list(out.glob("*/DONE")) and proc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err.decode()[-2000:]
+    proc.terminate()  # SIGTERM
+    proc.join(timeout=120)
+    assert proc.exitcode == 143, log.read_text()[-2000:]
     (rank_file,) = out.glob("summary-rank0-*.json")  # one run so far
     rank = json.loads(rank_file.read_text())
     assert rank["interrupted"] and rank["videos"] < len(videos)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from shards import (  # noqa: F401 (one_thread: fixture)
     done_records,
+    forked_cli,
     label_files,
     make_video,
     one_thread,
     predict_args,
-    subprocess_env,
     video_samples,
     write_shard,
 )
@@ -37,19 +35,13 @@ def test_two_jobs_on_one_folder_label_each_video_once_with_the_bytes_of_one_job(
         write_shard(shards / f"c-{s:06d}.tar", samples)
     pattern = str(shards / "c-{000000..000001}.tar")
     shared = tmp_path / "shared"
-    jobs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "vss_lightning", *predict_args(pattern, shared)],
-            env=subprocess_env(),
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        for _ in range(2)
-    ]
-    for job in jobs:
-        _, err = job.communicate(timeout=400)
-        assert job.returncode == 0, err.decode()[-3000:]
+    # Two whole jobs at once, each a forked child of this process (no interpreter start: they race
+    # from the first video on).
+    logs = [tmp_path / f"job{j}.log" for j in range(2)]
+    jobs = [forked_cli(predict_args(pattern, shared), log) for log in logs]
+    for job, log in zip(jobs, logs, strict=True):
+        job.join(timeout=400)
+        assert job.exitcode == 0, log.read_text()[-3000:]
     # One uninterrupted job alone, in this process: the reference bytes.
     single = tmp_path / "single"
     cli.main(predict_args(pattern, single))  # one torch thread (`one_thread`)

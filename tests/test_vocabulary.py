@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -287,18 +288,38 @@ def test_shard_frames_reads_the_wanted_frames_from_the_input_shards(tmp_path):
     np.testing.assert_array_equal(got[("a", "a_f0001")], want)
 
 
-@pytest.mark.usefixtures("one_thread")
-def test_predict_writes_prototypes_then_fit_apply_evaluate_run_end_to_end(tmp_path, capsys):
-    """The corpus path on the smoke config: predict -> fit -> apply -> evaluate (dataset matching)."""
+@pytest.fixture(scope="module")
+def local_labels(tmp_path_factory) -> SimpleNamespace:
+    """One labelled synthetic corpus ("a": 5 frames stored in two clips, "b": 3 and "c": 4 in one clip
+    each, two shards) and its labels from the smoke config, once as png folders and once as label
+    shards: what the end-to-end tests below fit, apply, compare and score."""
     from shards import CLIP_FRAMES, make_shards, predict_args
+
+    from vss_lightning.cli import main as cli_main
+
+    root = tmp_path_factory.mktemp("local_labels")
+    videos = make_shards(root / "shards", [[("a", 5), ("b", 3)], [("c", 4)]], clip_frames=CLIP_FRAMES,
+                         labelled=True)  # fmt: skip
+    shards, png, tars = str(root / "shards" / "*.tar"), root / "png", root / "tars"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli_main(predict_args(shards, png))
+        cli_main(predict_args(shards, tars, "--output_format", "shards"))
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(videos=videos, shards=shards, png=png, tars=tars)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_predict_writes_prototypes_then_fit_apply_evaluate_run_end_to_end(tmp_path, capsys, local_labels):
+    """The corpus path on the smoke config: predict -> fit -> apply -> evaluate (dataset matching)."""
+    from shards import predict_args
 
     from vss_lightning.cli import main as cli_main
     from vss_lightning.evaluate import evaluate
 
-    videos = make_shards(tmp_path / "shards", [[("a", 5), ("b", 3)], [("c", 4)]], clip_frames=CLIP_FRAMES,
-                         labelled=True)  # fmt: skip
-    shards, out = str(tmp_path / "shards" / "*.tar"), tmp_path / "out"
-    cli_main(predict_args(shards, out))
+    videos, shards, out = local_labels.videos, local_labels.shards, local_labels.png
     grid = 8 * 12  # the tiny backbone's feature grid of the 128 x 192 synthetic frames
     for vid, video in videos.items():
         p = load_prototypes(out / vid / PROTOTYPES)
@@ -401,26 +422,22 @@ def test_fit_logs_the_naming_sheet_as_a_wandb_table(tmp_path):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_label_shards_give_the_same_vocabulary_and_global_labels_as_png_folders(tmp_path):
+def test_label_shards_give_the_same_vocabulary_and_global_labels_as_png_folders(tmp_path, local_labels):
     """fit and apply read `--output_format shards` outputs (prototypes in the last clip's sample)."""
-    from shards import CLIP_FRAMES, label_files, make_shards, predict_args
+    from shards import label_files
 
-    from vss_lightning.cli import main as cli_main
     from vss_lightning.vocabulary.fit import vocabulary_hash
 
-    make_shards(tmp_path / "shards", [[("a", 5), ("b", 3), ("c", 2)]], clip_frames=CLIP_FRAMES)
-    shards = str(tmp_path / "shards" / "*.tar")
-    png, tars = tmp_path / "png", tmp_path / "tars"
-    cli_main(predict_args(shards, png))
-    cli_main(predict_args(shards, tars, "--output_format", "shards"))
+    png, tars = local_labels.png, local_labels.tars
     assert list(tars.glob("labels-rank*.tar")) and not list(tars.glob("*/DONE"))
-    for out in (png, tars):
-        main(["fit", "--labels", str(out), "--num_classes", "3", "--out", str(out) + "-vocab"])
-        main(["apply", "--labels", str(out), "--vocab", str(out) + "-vocab", "--out", str(out) + "-global",
+    for name, out in (("png", png), ("tars", tars)):
+        vocab, applied = tmp_path / f"{name}-vocab", tmp_path / f"{name}-global"
+        main(["fit", "--labels", str(out), "--num_classes", "3", "--out", str(vocab)])
+        main(["apply", "--labels", str(out), "--vocab", str(vocab), "--out", str(applied),
               "--output_format", "png"])  # fmt: skip
     assert vocabulary_hash(tmp_path / "png-vocab") == vocabulary_hash(tmp_path / "tars-vocab")
     from_png, from_tars = label_files(tmp_path / "png-global"), label_files(tmp_path / "tars-global")
-    assert from_png == from_tars and len(from_png) == 10
+    assert from_png == from_tars and len(from_png) == 12
     assert (tmp_path / "tars-vocab" / "sheets" / "class_000.png").is_file()
 
 
@@ -563,17 +580,12 @@ def test_apply_writes_label_shards_once_and_a_killed_run_resumes_byte_identicall
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
-def test_apply_to_predicts_label_shards_writes_their_samples_in_global_ids(tmp_path):
+def test_apply_to_predicts_label_shards_writes_their_samples_in_global_ids(tmp_path, local_labels):
     """Label shards in, label shards out (the default): one sample per source clip with its meta.json
     and record as predict wrote them, the labels mapped, the remapped prototypes in the last clip."""
     import webdataset as wds
-    from shards import CLIP_FRAMES, make_shards, predict_args
 
-    from vss_lightning.cli import main as cli_main
-
-    make_shards(tmp_path / "shards", [[("a", 5), ("b", 3)]], clip_frames=CLIP_FRAMES)  # "a": two clips
-    tars, vocab, out = tmp_path / "tars", tmp_path / "vocab", tmp_path / "global"
-    cli_main(predict_args(str(tmp_path / "shards" / "*.tar"), tars, "--output_format", "shards"))
+    tars, vocab, out = local_labels.tars, tmp_path / "vocab", tmp_path / "global"  # "a": two clips
     main(["fit", "--labels", str(tars), "--num_classes", "3", "--out", str(vocab)])
     main(["apply", "--labels", str(tars), "--vocab", str(vocab), "--out", str(out)])
     assert list(out.glob("labels-rank000-*.tar")) and not list(out.glob("*/DONE"))
@@ -583,7 +595,7 @@ def test_apply_to_predicts_label_shards_writes_their_samples_in_global_ids(tmp_p
         return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
 
     src, dst = samples(tars), samples(out)
-    assert sorted(dst) == sorted(src) == ["a__c0000", "a__c0001", "b__c0000"]
+    assert sorted(dst) == sorted(src) == ["a__c0000", "a__c0001", "b__c0000", "c__c0000"]
     for key, s in src.items():
         d = dst[key]
         assert d["meta.json"] == s["meta.json"]
@@ -606,19 +618,18 @@ def test_apply_to_predicts_label_shards_writes_their_samples_in_global_ids(tmp_p
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
-def test_lightning_test_with_a_vocabulary_scores_the_global_ids_apply_writes(tmp_path):
+def test_lightning_test_with_a_vocabulary_scores_the_global_ids_apply_writes(tmp_path, local_labels):
     """`test --model.vocabulary VOCAB --model.matching dataset` on the smoke config: metrics.json scores
     global ids, and the labels it wrote and scored are those `vocabulary apply` made from predict's
-    (every video in one clip, so the direct map equals apply's), with the same mIoU as `evaluate`."""
-    from shards import label_files, make_shards, predict_args
+    (for the videos stored in one clip, where the direct map equals apply's; "a" is in two clips: its
+    first clip is mapped with that clip's prototypes only)."""
+    from shards import label_files, predict_args
 
     from vss_lightning.cli import main as cli_main
     from vss_lightning.evaluate import evaluate
 
-    make_shards(tmp_path / "shards", [[("a", 3), ("b", 2)], [("c", 3)]], labelled=True)  # C = 4
-    shards = str(tmp_path / "shards" / "*.tar")
-    local, vocab, applied, tested = (tmp_path / n for n in ("local", "vocab", "applied", "tested"))
-    cli_main(predict_args(shards, local))
+    shards, local = local_labels.shards, local_labels.png  # C = 4
+    vocab, applied, tested = (tmp_path / n for n in ("vocab", "applied", "tested"))
     main(["fit", "--labels", str(local), "--num_classes", "3", "--out", str(vocab)])
     main(["apply", "--labels", str(local), "--vocab", str(vocab), "--out", str(applied)])
     args = predict_args(
@@ -634,12 +645,16 @@ def test_lightning_test_with_a_vocabulary_scores_the_global_ids_apply_writes(tmp
     cli_main(["test", *args[1:]])
     metrics = json.loads((tested / "metrics.json").read_text())
     assert metrics["stage"] == "test" and metrics["matching"] == "dataset" and metrics["num_classes"] == 4
-    assert metrics["vocabulary"] == str(vocab) and metrics["frames"] == 8 and metrics["videos"] == 3
+    assert metrics["vocabulary"] == str(vocab) and metrics["frames"] == 12 and metrics["videos"] == 3
     assert all(key in metrics for key in ("mIoU", "pixel_acc", "per_class_iou"))
-    written = label_files(tested)
-    assert len(written) == 8 and written == label_files(applied)
+    written, by_apply = label_files(tested), label_files(applied)
+    first_clip_of_a = {f"a/a_f{t:04d}.png" for t in range(4)}
+    assert len(written) == 12 and sorted(written) == sorted(by_apply)
+    assert {k: v for k, v in written.items() if k not in first_clip_of_a} == {
+        k: v for k, v in by_apply.items() if k not in first_clip_of_a
+    }
     assert max(int(np.asarray(Image.open(p)).max()) for p in tested.glob("*/*.png")) < 3  # global ids
-    want = evaluate(str(applied), shards, num_classes=4, matching="dataset")
+    want = evaluate(str(tested), shards, num_classes=4, matching="dataset")  # what it wrote, scored again
     assert metrics["mIoU"] == pytest.approx(want["mIoU"]) and metrics["pixel_acc"] == pytest.approx(
         want["pixel_acc"]
     )
