@@ -13,7 +13,6 @@ import json
 import logging
 import multiprocessing
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,9 +168,11 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _forked_cli(args: list[str], log: str) -> None:
+def _forked_cli(args: list[str], log: str, new_session: bool) -> None:
     """The child of `forked_cli`: one torch thread, output to `log`, `cli.main(args)` (its SystemExit
     code becomes the exit code)."""
+    if new_session:
+        os.setsid()
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -187,16 +188,18 @@ def _forked_cli(args: list[str], log: str) -> None:
     cli.main(args)
 
 
-def forked_cli(args: list[str], log: Path) -> multiprocessing.process.BaseProcess:
+def forked_cli(args: list[str], log: Path, new_session: bool = False) -> multiprocessing.process.BaseProcess:
     """Run `vss_lightning.cli.main(args)` in a forked child of this test process and return it (started).
 
     For tests that kill or race whole jobs: the child starts with everything already imported, so it
     skips the ~10-15 s a fresh interpreter spends importing torch, Lightning and diffusers on a 2-core
-    machine (how the scripts start is tested by `reference_run` and the DDP tests, which run them).
+    machine (the scripts' own start is tested by the DDP tests, which run `vss-lightning`).
     `proc.kill()` is SIGKILL, `proc.terminate()` SIGTERM; `proc.exitcode` is the CLI's exit status.
-    The child's output goes to `log`.
+    The child's output goes to `log`; with `new_session` it leads a process group of its own, so
+    `os.killpg(proc.pid, ...)` reaches the processes it starts (DDP ranks, DataLoader workers).
     """
-    proc = multiprocessing.get_context("fork").Process(target=_forked_cli, args=(list(args), str(log)))
+    target, call = _forked_cli, (list(args), str(log), new_session)
+    proc = multiprocessing.get_context("fork").Process(target=target, args=call)
     proc.start()
     return proc
 
@@ -226,7 +229,8 @@ def predict_args(shards: str, out: Path, *extra: str) -> list[str]:
 
 
 def reference_run(basetemp: Path) -> tuple[dict[str, Video], str, Path]:
-    """The uneven shards and their labels from one uninterrupted `vss-lightning predict` process.
+    """The uneven shards and their labels from one uninterrupted job (`cli.main` in this process, one
+    torch thread).
 
     Made once per test session (cached under pytest's base temp folder) and shared by the CLI and
     distributed tests, which compare their outputs with it byte for byte.
@@ -239,13 +243,12 @@ def reference_run(basetemp: Path) -> tuple[dict[str, Video], str, Path]:
     videos = {vid: make_video(vid, n, seed=i) for i, (vid, n) in enumerate(flat)}  # as make_shards made them
     pattern = str(shards / "test-{000000..000003}.tar")
     if not (out / "summary.json").exists():
-        script = str(Path(sys.executable).parent / "vss-lightning")
-        proc = subprocess.run(
-            [script, *predict_args(pattern, out)],
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        from vss_lightning import cli
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            cli.main(predict_args(pattern, out))
+        finally:
+            torch.set_num_threads(threads)
     return videos, pattern, out

@@ -164,7 +164,7 @@ def _summary(out: Path) -> dict:
 
 
 def test_predict_rerun_skips_and_a_killed_run_resumes(tmp_path, tmp_path_factory, monkeypatch):
-    # 1. `vss-lightning predict` (run once per session by `reference_run`): every frame labelled at
+    # 1. `predict` (run once per session by `reference_run`): every frame labelled at
     #    its frame's size, one DONE per video with its frame count.
     videos, shards, out = reference_run(tmp_path_factory.getbasetemp())
     expected = {f"{v}/{name}.png" for v, video in videos.items() for name in video.names}

@@ -18,6 +18,7 @@ from shards import (
     corrupt_jpeg_sample,
     done_records,
     empty_sample,
+    forked_cli,
     label_files,
     make_video,
     one_thread,  # noqa: F401 (fixture)
@@ -73,17 +74,19 @@ def test_two_processes_label_every_video_once_with_the_same_bytes(reference, tmp
 
 
 def test_sigkill_midway_then_restart_completes_exactly(reference, tmp_path):
+    """Two ranks (`ddp_fork`: the job is a forked child of this process and forks its ranks, so no
+    interpreter starts; `ddp` itself is run by the test above) SIGKILLed with their DataLoader workers
+    once a video is done, then a restart in one process completes the job exactly."""
     videos, shards, single = reference
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _ddp(shards, out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
+    out, log = tmp_path / "killed", tmp_path / "killed.log"
+    fork_ddp = ("--trainer.strategy", "ddp_fork", "--trainer.devices", "2", "--data.num_workers", "2")
+    proc = forked_cli(predict_args(shards, out, *fork_ddp), log, new_session=True)
     deadline = time.monotonic() + 240
-    while not list(out.glob("*/DONE")) and proc.poll() is None and time.monotonic() < deadline:
+    while not list(out.glob("*/DONE")) and proc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert proc.is_alive(), log.read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)  # every rank and DataLoader worker
-    proc.wait()
+    proc.join()
     done_at_kill = len(list(out.glob("*/DONE")))
     assert 1 <= done_at_kill < len(videos), "the run should have been killed midway"
     # Restart with another world size (one process, here): labels do not depend on it.
