@@ -8,7 +8,9 @@ Files in `output_dir` (`r` the rank, `n` a per-rank counter):
 A tar is written as `.tmp`, closed, its index written, then renamed: a tar under its final name is
 complete, and holds whole videos only (the clips of a video are buffered, as encoded PNGs, until its
 last clip). A tar without an index (killed between the two renames) is scanned instead. Tars cannot
-be rewritten in place, so a folder holding labels of other settings is refused.
+be rewritten in place, so a folder holding labels of other settings is refused. The PNGs of a clip
+may be encoded in the writer's background pool (`start`); the clips are added to the tar by one
+thread, in order (`Pending.finish`).
 
 Writers: the pseudo-label writer (`io.writer`, `predict`/`test`) and `vocabulary apply`, which stores
 labels mapped to global ids (`write(..., record=...)` adds its fields to `labels.json`; `mtime` makes
@@ -23,11 +25,13 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import webdataset as wds
 
 from vss_lightning.clips import Clip, ClipAssembler, ClipRun
 from vss_lightning.data.format import encode_png, sample_key, validate_name
 
+from .background import BackgroundWrites, Pending, run_now
 from .files import atomic_write, json_bytes, read_json
 from .labels import label_array, label_record
 from .previews import palette, preview_image, sample_frames
@@ -53,6 +57,13 @@ def scan_tar(path: Path) -> dict[str, dict[str, Any]]:
         for vid, e in clips.items()
         if e["clips"] == set(range(e["num_clips"]))
     }
+
+
+def _encode(
+    label: np.ndarray, frame: np.ndarray | None, colours: np.ndarray, preview: bool
+) -> tuple[bytes, bytes | None]:
+    """One frame of a tar sample: its label PNG, and its preview PNG when `preview`."""
+    return encode_png(label), preview_image(label, frame, colours) if preview else None
 
 
 class LabelShardStore:
@@ -139,18 +150,31 @@ class LabelShardStore:
         return video_id in self.complete
 
     def write(self, res: VideoLabels, sample: Any = None, record: dict[str, Any] | None = None) -> None:
-        """Encode one clip's labels (and previews) as a tar sample and `add_clip` it; a video already in
-        a finished tar is not stored twice (test/validate recompute complete videos).
+        """Encode one clip's labels (and previews) as a tar sample and `add_clip` it, here and now; a
+        video already in a finished tar is not stored twice (test/validate recompute complete videos).
 
         Args:
             res: the clip's labels (with the video's prototypes on its last clip).
             sample: the step's batch, for the previews' frames.
             record: fields added to (or replacing those of) the clip's `labels.json` record.
         """
+        self.start(res, sample, record).finish()
+
+    def start(
+        self,
+        res: VideoLabels,
+        sample: Any = None,
+        record: dict[str, Any] | None = None,
+        pool: BackgroundWrites | None = None,
+    ) -> Pending:
+        """`write`, with the PNGs encoded by `pool` (default: now, in this thread): the clip is added to
+        the tar by the returned `Pending`'s `finish`. Call `finish` in the order the clips were started
+        (one thread appends to the tar, in order).
+        """
         meta = res.meta
         vid = validate_name(meta.video_id, "video id")
         if self.is_complete(vid):
-            return
+            return Pending([], lambda _: None)
         arr = label_array(res.labels)
         frames = sample_frames(sample, res) if self.write_previews else None
         colours = palette(meta, str(self.info.get("label_mode") or "cluster"))
@@ -162,12 +186,22 @@ class LabelShardStore:
         if res.prototypes is not None:  # the video's, with its last clip
             res.prototypes.settings_hash = self.settings_hash
             out["prototypes.safetensors"] = res.prototypes.to_bytes()
-        for i in range(arr.shape[0]):
-            out[f"{i:05d}.label.png"] = encode_png(arr[i])
-            if self.write_previews:
-                frame = frames[i] if frames is not None else None
-                out[f"{i:05d}.preview.png"] = preview_image(arr[i], frame, colours)
-        self.add_clip(meta, out)
+        submit = pool.submit if pool is not None else run_now
+        encoded = [
+            submit(_encode, arr[i], frames[i] if frames is not None else None, colours, self.write_previews)
+            for i in range(arr.shape[0])
+        ]
+
+        def store(pngs: list[tuple[bytes, bytes | None]]) -> None:
+            if self.is_complete(vid):  # stored meanwhile (the same video twice in this run)
+                return
+            for i, (label, preview) in enumerate(pngs):
+                out[f"{i:05d}.label.png"] = label
+                if preview is not None:
+                    out[f"{i:05d}.preview.png"] = preview
+            self.add_clip(meta, out)
+
+        return Pending(encoded, store)
 
     def add_clip(self, clip: Clip, sample: dict[str, Any]) -> None:
         """Buffer one clip's sample; store the whole video when its last clip comes.

@@ -25,8 +25,11 @@ import logging
 import os
 import stat
 import time
+from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from vss_lightning.clips import is_last_clip
 from vss_lightning.data.format import (
@@ -37,6 +40,7 @@ from vss_lightning.data.format import (
     validate_name,
 )
 
+from .background import BackgroundWrites, Pending, failed, run_now
 from .files import atomic_write, json_bytes, os_error_message, read_json
 from .labels import clip_identity, label_array, label_record
 from .locks import FileLock, describe
@@ -53,6 +57,11 @@ MAX_DONE_BYTES = 64 << 20  # a DONE lists the frame names: > 100_000 names of 20
 # config-<stage>.yaml, labels-rank<r>-<n>.tar/.index.json, wandb/, ...): no video id may take them.
 RESERVED_ID_SUFFIXES = (".json", ".yaml", ".yml", ".tar", ".tmp", ".lock")
 RESERVED_IDS = frozenset({"wandb", "lightning_logs", "checkpoints"})
+
+
+def write_png(path: Path, label: np.ndarray) -> None:
+    """Encode an (H, W) label map as PNG and write it to `path` (temporary name, then rename)."""
+    atomic_write(path, encode_png(label))
 
 
 def check_video_id(video_id: str) -> str:
@@ -327,7 +336,25 @@ class PngStore:
         return path
 
     def write(self, res: VideoLabels, sample: Any = None) -> None:
-        """Write one clip's label PNGs (and previews), then its `clip-<k>.done` or the video's `DONE`."""
+        """Write one clip's label PNGs (and previews), then its `clip-<k>.done` or the video's `DONE`,
+        here and now (`start`, then `finish`)."""
+        self.start(res, sample).finish()
+
+    def start(self, res: VideoLabels, sample: Any = None, pool: BackgroundWrites | None = None) -> Pending:
+        """Start writing one clip: checks and clean-up now, its label PNGs (and previews) by `pool`.
+
+        The clip's `clip-<k>.done` or the video's `DONE` comes from the returned `Pending`'s `finish`,
+        once every file of the clip is written; the writer calls it, in clip order, before it starts
+        the video's next clip (which cleans the folder's temporary files).
+
+        Args:
+            res: the clip's labels.
+            sample: the step's batch, for the previews' frames.
+            pool: writes the files (default: now, in this thread).
+
+        Raises:
+            SampleError, ValueError, OSError: the clip's checks or clean-up failed (nothing started).
+        """
         meta = res.meta
         vid = meta.video_id
         arr = label_array(res.labels)  # (T, H, W)
@@ -342,22 +369,38 @@ class PngStore:
         if previous is not None:  # recomputed (test, validate, other settings): must be the same video
             self._check_identity(previous, meta)
         vdir.mkdir(exist_ok=True)
-        done = self.path(vid, DONE)
-        done.unlink(missing_ok=True)  # the video is being (re)written: it is not complete until DONE is back
+        self.path(vid, DONE).unlink(missing_ok=True)  # being (re)written: not complete until DONE is back
         for stale in vdir.glob(".*.tmp"):  # left by a killed job: only the lock holder (us) writes here
             stale.unlink(missing_ok=True)
         if meta.clip_index == 0:
             for stale in vdir.glob("clip-*.done"):
                 stale.unlink(missing_ok=True)
             self.path(vid, PROTOTYPES).unlink(missing_ok=True)
+        submit = pool.submit if pool is not None else run_now
+        files = []
         for i, name in enumerate(meta.frame_names):
-            atomic_write(self.path(vid, f"{name}.png"), encode_png(arr[i]))
-        if self.previews is not None:
-            self.previews.write(res, arr, sample_frames(sample, res))
+            files.append(submit(write_png, self.path(vid, f"{name}.png"), arr[i]))
+            if failed(files[-1]):  # no use writing the rest (without workers: as soon as it fails)
+                break
+        previews = self.previews
+        if previews is not None and not any(failed(f) for f in files):
+            try:
+                files.append(previews.start(res, arr, sample_frames(sample, res), submit))
+            except BaseException:
+                wait(files)  # nothing of ours is written in the folder once its lock can be released
+                raise
+        record = label_record(res, arr, self.info)
+        forget = (lambda: previews.forget(vid)) if previews is not None else None
+        return Pending(files, lambda _: self._finish(res, record), on_error=forget)
+
+    def _finish(self, res: VideoLabels, record: dict[str, Any]) -> None:
+        """After every file of a clip is written: its prototypes, then `clip-<k>.done` or `DONE`."""
+        meta = res.meta
+        vid = meta.video_id
+        done = self.path(vid, DONE)
         if res.prototypes is not None:  # before DONE: a complete video always has its prototypes
             res.prototypes.settings_hash = self.settings_hash
             atomic_write(self.path(vid, PROTOTYPES), res.prototypes.to_bytes())
-        record = label_record(res, arr, self.info)
         if meta.num_clips <= 1:
             atomic_write(done, json_bytes(record))
             return

@@ -3,7 +3,9 @@
 `<frame>.preview.png` is the label colours blended over the frame (RGB), or a palette PNG of the
 labels when the frames are not at hand. The overlay video `preview.mp4` (PyAV) or `preview.gif`
 (Pillow, when PyAV has no H.264/MPEG-4 encoder) is streamed clip by clip into a temporary file and
-renamed at the video's last clip. Colours come from `vss_lightning.viz`.
+renamed at the video's last clip. Colours come from `vss_lightning.viz`. A clip's previews are one
+task, which the writer runs in its background pool (`io.background`); the open videos are kept track
+of in the writer's thread.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from vss_lightning import viz
 from vss_lightning.clips import ClipAssembler
 from vss_lightning.data.format import VideoMeta, VideoSample, encode_png
 
+from .background import run_now
 from .files import atomic_write
 from .summary import VideoLabels
 
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PREVIEW_VIDEO = "preview"  # <video_id>/preview.mp4 (or .gif)
 PREVIEW_FPS = 10.0
+Submit = Callable[..., Future[Any]]  # `BackgroundWrites.submit` or `run_now`
 
 
 def preview_png(label: np.ndarray, palette: np.ndarray | None = None) -> bytes:
@@ -61,6 +66,32 @@ def palette(meta: VideoMeta, label_mode: str) -> np.ndarray:
     return viz.palette_for(meta.source, meta.num_classes, label_mode or "cluster")
 
 
+def _render(
+    paths: list[Path],
+    arr: np.ndarray,
+    frames: np.ndarray | None,
+    colours: np.ndarray,
+    video: viz.VideoWriter,
+    last: bool,
+) -> None:
+    """Write one clip's preview PNGs to `paths` and append its frames to `video` (closed if `last`);
+    on an error the video is aborted (its temporary file goes)."""
+    try:
+        for i, path in enumerate(paths):  # frame by frame: memory of one frame
+            if frames is not None:
+                image = viz.overlay(frames[i], arr[i], colours)
+                data = encode_png(image)
+            else:
+                image, data = viz.colorize(arr[i], colours), preview_png(arr[i], colours)
+            atomic_write(path, data)
+            video.write(image[None])
+        if last:
+            video.close()
+    except BaseException:
+        video.abort()
+        raise
+
+
 def preview_image(label: np.ndarray, frame: np.ndarray | None, colours: np.ndarray) -> bytes:
     """A frame's preview: the overlay as an RGB PNG, or a palette PNG of the labels without the frame."""
     if frame is None:
@@ -82,10 +113,26 @@ class PreviewVideos:
         self._open: ClipAssembler[viz.VideoWriter] = ClipAssembler()
 
     def write(self, res: VideoLabels, arr: np.ndarray, frames: np.ndarray | None) -> None:
-        """`<frame>.preview.png` per frame and the clip's frames appended to the video's overlay video.
+        """`<frame>.preview.png` per frame and the clip's frames appended to the video's overlay video,
+        here and now (`start` with the default `submit`, then its error, if any, raised)."""
+        self.finish(res.meta.video_id, self.start(res, arr, frames))
+
+    def start(
+        self, res: VideoLabels, arr: np.ndarray, frames: np.ndarray | None, submit: Submit = run_now
+    ) -> Future[None]:
+        """Start the previews of one clip: `<frame>.preview.png` per frame and the clip's frames appended
+        to the video's overlay video, as one task of `submit` (frames in order; the clips of a video must
+        be started in order, each after the previous one's task is finished).
 
         A clip that does not follow the previous one on this rank starts the video afresh (it then
-        shows the clips from there on).
+        shows the clips from there on). The bookkeeping of open videos happens here, in the caller's
+        thread; hand the task's future to `finish`.
+
+        Args:
+            res: the clip's labels.
+            arr: (T, H, W) its label array.
+            frames: (T, H, W, 3) uint8 its frames, or None (palette previews).
+            submit: runs the task (`BackgroundWrites.submit`; default: now, in this thread).
         """
         meta, vid = res.meta, res.meta.video_id
         colours = palette(meta, self.label_mode)
@@ -103,21 +150,24 @@ class PreviewVideos:
                     f"this rank; its overlay video starts at this clip."
                 )
             video = viz.VideoWriter(self._path(vid, f"{PREVIEW_VIDEO}.{viz.video_format()}"), PREVIEW_FPS)
+        paths = [self._path(vid, f"{name}.preview.png") for name in meta.frame_names]
+        last = bool(self._open.add(meta, video))  # the video's last clip: the task closes it
+        return submit(_render, paths, arr, frames, colours, video, last, weight=len(paths))
+
+    def finish(self, video_id: str, task: Future[None]) -> None:
+        """Wait for a clip's task (`start`); on its error forget the video's overlay video, then raise."""
         try:
-            for i, name in enumerate(meta.frame_names):  # frame by frame: memory of one frame
-                if frames is not None:
-                    image = viz.overlay(frames[i], arr[i], colours)
-                    data = encode_png(image)
-                else:
-                    image, data = viz.colorize(arr[i], colours), preview_png(arr[i], colours)
-                atomic_write(self._path(vid, f"{name}.preview.png"), data)
-                video.write(image[None])
+            task.result()
         except BaseException:
-            video.abort()
-            self._open.pop(vid)
+            self.forget(video_id)
             raise
-        if self._open.add(meta, video):  # the video's last clip
-            video.close()
+
+    def forget(self, video_id: str) -> None:
+        """Drop the overlay video of `video_id` being written (a clip of it failed); its file goes.
+        Call it only once no task of the video is running."""
+        run = self._open.pop(video_id)
+        if run is not None:
+            run.parts[-1].abort()
 
     def abort_all(self) -> None:
         """Drop the overlay videos whose last clip never came (their temporary files go)."""
