@@ -227,8 +227,8 @@ def test_frames_already_emitted_are_neither_modulated_nor_decoded_and_labels_do_
     skipping, skipping_images = run()
     labels = Modulation.labels
 
-    def every_frame(self, record, coarse, image_size, output_size=None, first=0):  # the plain path
-        return labels(self, record, coarse, image_size, output_size, 0)[first:]
+    def every_frame(self, record, coarse, image_size, output_size=None, first=0, clocks=None):  # plain path
+        return labels(self, record, coarse, image_size, output_size, 0, clocks)[first:]
 
     monkeypatch.setattr(Modulation, "labels", every_frame)
     plain, plain_images = run()
@@ -278,3 +278,153 @@ def test_processors_are_installed_once_per_batch_not_per_chunk_of_units(monkeypa
     installs.clear()
     assert torch.equal(seg.segment(frames, key="v").labels, once)
     assert len(installs) > per_batch
+
+
+# -- work the units share, done once (#19) ---------------------------------------------------------------
+class _EagerControl(AttentionControl):
+    """The earlier path, as a reference: the injected q/k of every layer gathered to the units' rows
+    when a step's injection is set (all alive through the forward), and no context cache."""
+
+    def __setattr__(self, name, value):
+        if name == "context_cache":
+            value = None
+        if name == "inject_rows" and value is not None:
+            super().__setattr__("inject", {n: (value(q), value(k)) for n, (q, k) in self.inject.items()})
+            value = None
+        super().__setattr__(name, value)
+
+
+def _attn2_layers(unet):
+    return [n for n, m in unet.named_modules() if n.startswith("up_blocks.") and n.endswith(".attn2")]
+
+
+def test_shared_work_leaves_latents_and_labels_bit_identical(batch, tiny_backbone, monkeypatch):
+    """Context projections computed once and q/k gathered inside each layer: the same operations on the
+    same values, so the latents and labels are bit for bit those of the earlier path."""
+    import vss_lightning.pipeline.modulation as modulation
+
+    _, record = batch
+    sm = SDSampler(tiny_backbone, max_batch_images=8)  # 2 units per forward: several chunks
+    mm = SDModulation(ModulationSettings(strength=50.0), sm)
+    masks = torch.zeros(4, 8, 12)
+    masks[:, 2:6, 3:9] = 1
+    masks[1, :2] = 1
+    frames, signs = torch.tensor([2, 0, 2, 1]), torch.tensor([1.0, -1.0, -1.0, 1.0])
+    coarse = _coarse()
+    z = mm.run_units(record, frames, masks, signs)
+    labels = mm.labels(record, coarse, (128, 192))
+    monkeypatch.setattr(modulation, "AttentionControl", _EagerControl)
+    assert torch.equal(mm.run_units(record, frames, masks, signs), z)
+    assert torch.equal(mm.labels(record, coarse, (128, 192)), labels)
+
+
+def test_cross_attention_context_projections_run_once_per_batch_shape(batch, tiny_backbone, monkeypatch):
+    """The context of every decoder cross-attention is the empty prompt's conditioning: its value
+    projection runs once per layer and chunk shape for the batch's units, not per chunk and step
+    (its key projection not at all: the keys are injected)."""
+    import vss_lightning.pipeline.modulation as modulation
+
+    _, record = batch
+    unet = tiny_backbone.unet
+    layers = _attn2_layers(unet)
+    assert layers and all(n in record.qk[22] for n in layers)  # every decoder attn2 is injected
+    calls = {"to_k": 0, "to_v": 0}
+    handles = [
+        unet.get_submodule(f"{n}.{proj}").register_forward_hook(
+            lambda *_, proj=proj: calls.__setitem__(proj, calls[proj] + 1)
+        )
+        for n in layers
+        for proj in calls
+    ]
+    coarse = _coarse()  # 7 (frame, label) pairs: chunks of 2, 2, 2 and 1 pairs (2 signs each)
+    mm = SDModulation(ModulationSettings(strength=50.0), SDSampler(tiny_backbone, max_batch_images=8))
+    try:
+        once = mm.labels(record, coarse, (128, 192))
+        counted = dict(calls)
+        calls.update(to_k=0, to_v=0)
+        monkeypatch.setattr(modulation, "AttentionControl", _EagerControl)
+        every = mm.labels(record, coarse, (128, 192))
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(once, every)
+    steps = len(mm.sampler.steps)  # 22, 23, 24
+    assert counted == {"to_k": 0, "to_v": len(layers) * 2}  # two chunk shapes: 4 and 2 units
+    assert calls == {"to_k": 0, "to_v": len(layers) * steps * 4}  # every chunk at every step
+
+
+def test_injected_qk_is_gathered_inside_its_own_layer(batch, tiny_backbone, monkeypatch):
+    """The processors receive the record's own q/k tensors (no copy) and gather the units' rows in
+    their call: no layer's gathered q/k is alive when the next layer runs (the earlier path kept
+    every injected layer's gathered q/k through the whole forward)."""
+    import weakref
+
+    import vss_lightning.pipeline.modulation as modulation
+    from vss_lightning.pipeline.attention import ControlledAttnProcessor
+
+    _, record = batch
+    recorded = {id(t) for layers in record.qk.values() for qk in layers.values() for t in qk}
+    gathered: list[weakref.ref] = []
+    alive_on_entry: list[int] = []
+    received: list[bool] = []
+    real_call = ControlledAttnProcessor.__call__
+
+    def call(self, attn, *args, **kwargs):
+        ctl = self.control
+        rows = ctl.inject_rows
+        if rows is not None and not getattr(rows, "counted", False):
+
+            def counted(t):
+                out = rows(t)
+                gathered.append(weakref.ref(out))
+                return out
+
+            counted.counted = True
+            ctl.inject_rows = counted
+        if self.name in ctl.inject:
+            received.append(all(id(t) in recorded for t in ctl.inject[self.name]))
+        alive_on_entry.append(sum(r() is not None for r in gathered))
+        return real_call(self, attn, *args, **kwargs)
+
+    monkeypatch.setattr(ControlledAttnProcessor, "__call__", call)
+    mm = SDModulation(ModulationSettings(strength=50.0), SDSampler(tiny_backbone, max_batch_images=64))
+    masks = torch.ones(2, 8, 12)
+    frames, signs = torch.tensor([0, 2]), torch.tensor([1.0, -1.0])
+    z = mm.run_units(record, frames, masks, signs)
+    injected = len(record.qk[22])
+    assert received and all(received) and len(received) == injected * 3
+    assert len(gathered) == 2 * injected * 3  # q and k of each injected layer at each of 3 steps
+    assert max(alive_on_entry) == 0
+    # the reference path: gathered when the step's injection is set, all alive at every layer call
+    gathered.clear(), alive_on_entry.clear(), received.clear()
+    monkeypatch.setattr(modulation, "AttentionControl", _EagerControl)
+    assert torch.equal(mm.run_units(record, frames, masks, signs), z)
+    assert not any(received)  # it received copies
+
+
+def test_the_modulation_stage_clocks_its_parts(batch, tiny_backbone):
+    """`labels` adds the seconds of its parts (UNet runs, decodes, scoring) when asked; the
+    segmenter keeps `modulation` as the stage's total and has the parts too."""
+    from vss_lightning.pipeline.modulation import MODULATION_CLOCKS
+    from vss_lightning.pipeline.segmenter import VideoSegmenter
+    from vss_lightning.pipeline.settings import ContextSettings
+
+    _, record = batch
+    mm = SDModulation(ModulationSettings(strength=50.0), SDSampler(tiny_backbone, max_batch_images=64))
+    clocks: dict[str, float] = {"modulation_unet": 0.0}
+    labels = mm.labels(record, _coarse(), (128, 192), clocks=clocks)
+    assert set(clocks) == set(MODULATION_CLOCKS)
+    assert all(v >= 0 for v in clocks.values())
+    assert torch.equal(labels, mm.labels(record, _coarse(), (128, 192)))  # no clocks: the same labels
+
+    frames = torch.randint(
+        0, 255, (2, 3, 64, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
+    seg = VideoSegmenter(
+        TinyStableDiffusion(), context=ContextSettings(batch_size=2, num_clusters=3, kmeans_n_init=1)
+    ).load()
+    seconds = seg.segment(frames, key="v").seconds
+    assert set(seconds) >= {"modulation", *MODULATION_CLOCKS}
+    assert all(seconds[k] >= 0 for k in MODULATION_CLOCKS)
+    # nested readings of one monotonic clock: the parts lie within the stage
+    assert sum(seconds[k] for k in MODULATION_CLOCKS) <= seconds["modulation"] + 1e-9

@@ -411,3 +411,47 @@ def test_swan_segments_deterministically_with_full_size_labels(swan_frames):
     for f in range(7):
         assert set(a.labels[f].unique().tolist()) <= set(a.coarse[f].unique().tolist())
     assert set(a.coarse.unique().tolist()) <= set(range(3))
+
+
+def test_injected_qk_is_gathered_inside_each_layer_with_the_same_latents(batch, monkeypatch):
+    """The processors receive the record's own temporal q/k (one unit per forward: its rows are a view
+    of them, no copy) and the latents are bit for bit those of gathering every layer's q/k up front."""
+    import vss_lightning.pipeline.modulation as modulation
+    from vss_lightning.pipeline.attention import ControlledAttnProcessor
+
+    sm, record = batch
+    recorded = {id(t) for layers in record.qk.values() for qk in layers.values() for t in qk}
+    seen: list[tuple[bool, bool]] = []  # (received the record's tensors, its rows share their storage)
+    real_call = ControlledAttnProcessor.__call__
+
+    def call(self, attn, *args, **kwargs):
+        ctl = self.control
+        if self.name in ctl.inject:
+            q, k = ctl.inject[self.name]
+            rows = ctl.inject_rows(q) if ctl.inject_rows is not None else q
+            seen.append(
+                (
+                    id(q) in recorded and id(k) in recorded,
+                    rows.untyped_storage().data_ptr() == q.untyped_storage().data_ptr(),
+                )
+            )
+        return real_call(self, attn, *args, **kwargs)
+
+    monkeypatch.setattr(ControlledAttnProcessor, "__call__", call)
+    mm = SVDModulation(svd_modulation_settings(strength=50.0), sm)
+    masks = (torch.rand(1, 2, 4, 8, generator=torch.Generator().manual_seed(3)) > 0.5).double()
+    signs = torch.tensor([1.0], dtype=torch.float64)
+    z = mm.run_units(record, masks, signs)
+    assert len(seen) == len(sm.qk_layers) * len(sm.steps) and all(a and b for a, b in seen)
+
+    class Eager(AttentionControl):  # the earlier path: every layer's rows gathered when the step is set
+        def __setattr__(self, name, value):
+            if name == "inject_rows" and value is not None:
+                super().__setattr__("inject", {n: (value(q), value(k)) for n, (q, k) in self.inject.items()})
+                value = None
+            super().__setattr__(name, value)
+
+    seen.clear()
+    monkeypatch.setattr(modulation, "AttentionControl", Eager)
+    assert torch.equal(mm.run_units(record, masks, signs), z)
+    assert seen and not any(a for a, _ in seen)

@@ -7,7 +7,12 @@ the method touches. It computes exactly what `AttnProcessor2_0` computes and, de
 - record the query and key of a layer (the unmodulated pass keeps them for injection),
 - capture the query as a feature map (the segmentation features),
 - inject a recorded query and key (so QK^T is that of the unmodulated pass; the layer's own q/k
-  projections are then skipped),
+  projections are then skipped); the recorded tensors are mapped to the layer's batch rows
+  (`AttentionControl.inject_rows`) only when the layer runs, so one layer's gathered q/k is alive at
+  a time rather than every injected layer's,
+- reuse the key/value projections of a constant context (`AttentionControl.context_cache`): a
+  cross-attention's context is the family's conditioning, the same for every modulated unit, chunk
+  and step of a batch, so its projections are computed once per layer and batch shape,
 - add a modulation term to the attention output, after the output projection and before the
   transformer block's residual add.
 
@@ -86,9 +91,17 @@ class AttentionControl:
         recorded: layer name -> (query, key), each (batch, heads, tokens, head_dim).
         capture: layer names whose query is stored into `captured` at this forward.
         captured: layer name -> query (batch, tokens, channels).
-        inject: layer name -> (query, key) used instead of the computed ones.
+        inject: layer name -> (query, key) used instead of the computed ones: (batch, heads, tokens,
+            head_dim) each, or, with `inject_rows`, the recorded tensors it maps to that layout.
+        inject_rows: None, or maps a recorded query or key to the layer's batch rows when the layer
+            runs (a gather: its copy is freed when the layer returns, instead of the copies of every
+            injected layer living through the whole forward).
         modulation: layer name -> tensor broadcastable to the layer's output (batch, tokens, channels),
             added after the output projection.
+        context_cache: None, or (layer name, "k" or "v", context shape) -> the projection of a
+            cross-attention's context, computed at its first use and reused after. Only for a
+            context that is the same tensor value at every forward for a given shape (a batch's
+            conditioning during its modulated runs); `reset` keeps it, the owner clears it.
     """
 
     record: set[str] = field(default_factory=set)
@@ -96,14 +109,18 @@ class AttentionControl:
     capture: set[str] = field(default_factory=set)
     captured: dict[str, torch.Tensor] = field(default_factory=dict)
     inject: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    inject_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
     modulation: dict[str, torch.Tensor] = field(default_factory=dict)
+    context_cache: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] | None = None
 
     def reset(self) -> None:
+        """Clear the state of one forward (not `context_cache`, which spans forwards)."""
         self.record = set()
         self.recorded = {}
         self.capture = set()
         self.captured = {}
         self.inject = {}
+        self.inject_rows = None
         self.modulation = {}
 
 
@@ -146,15 +163,30 @@ class ControlledAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
+        # a cross-attention's context may be constant over the forwards (`context_cache`)
+        cache = ctl.context_cache if encoder_hidden_states is not None else None
+        context_shape = tuple(encoder_hidden_states.shape) if cache is not None else ()
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+
+        def context_projection(kind: str, linear: torch.nn.Module) -> torch.Tensor:
+            if cache is None:
+                return linear(encoder_hidden_states)
+            # the same module on the same input shape and values: the same result, bit for bit
+            slot = (self.name, kind, context_shape)
+            if slot not in cache:
+                cache[slot] = linear(encoder_hidden_states)
+            return cache[slot]
+
+        value = context_projection("v", attn.to_v)
         inner_dim = value.shape[-1]
         head_dim = inner_dim // attn.heads
         value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, L, d)
         injected = ctl.inject.get(self.name)
+        if injected is not None and ctl.inject_rows is not None:
+            injected = (ctl.inject_rows(injected[0]), ctl.inject_rows(injected[1]))
         if injected is not None and self.name not in ctl.capture and self.name not in ctl.record:
             # q and k would be replaced: their projections are not computed at all (exact)
             q_in, k_in = injected
@@ -170,7 +202,7 @@ class ControlledAttnProcessor:
             query = attn.to_q(hidden_states)  # (batch, tokens, inner)
             if self.name in ctl.capture:
                 ctl.captured[self.name] = query
-            key = attn.to_k(encoder_hidden_states)
+            key = context_projection("k", attn.to_k)
             query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, N, d)
             key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
             if attn.norm_q is not None:

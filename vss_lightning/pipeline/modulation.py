@@ -14,11 +14,17 @@ labels of a batch (each (frame, label) pair scored from the decodes of its + and
 `scoring.add_unit_votes`). A family says how its units are laid out and batched (`run_units`,
 `_units`): SD (`sd.SDModulation`) treats frames independently, SVD
 (`svd_modulation.SVDModulation`) runs a unit over the whole batch.
+
+Work the units share is done once (exactly: the same operations on the same values): the controlled
+processors are installed once per batch; the key/value projections of a cross-attention's context
+(the batch's conditioning, the same for every unit, chunk and step) once per layer and batch shape;
+and a recorded q/k is gathered to the units' rows only inside its own layer's call.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -106,6 +112,41 @@ def latent_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return up.view(*lead, 1, *size)
 
 
+# The parts of the modulation stage that `Modulation.labels` clocks (seconds), in order: the UNet runs of
+# the units (with building them), the VAE decodes, and the difference maps with the running argmax.
+MODULATION_CLOCKS = ("modulation_unet", "modulation_decode", "modulation_scoring")
+
+
+class StageClock:
+    """Adds the wall-clock seconds since the previous lap to named entries of a dict.
+
+    On CUDA it synchronises the device before each reading (the queued kernels must be finished for
+    the time to be theirs); with no dict it neither reads the clock nor synchronises.
+
+    Args:
+        seconds: stage name -> seconds to add to, or None for no clock.
+        device: the device whose kernels are timed.
+    """
+
+    def __init__(self, seconds: dict[str, float] | None, device: torch.device) -> None:
+        self.seconds = seconds
+        self.device = device
+        self._t = self._now() if seconds is not None else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        """Add the seconds since the previous lap (or the start) to `stage`."""
+        if self.seconds is None:
+            return
+        now = self._now()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
+        self._t = now
+
+
 # A group of scored units: final latents (2n: the + units then the - units), frames (n,), masks (n, h, w)
 # and labels (n,) of the n (frame, label) pairs they score.
 UnitGroup = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -126,6 +167,7 @@ class Modulation(ABC):
         check_steps(settings, sampler.steps)
         self.layers = self._modulated_layers(settings)
         self._control: AttentionControl | None = None  # set while `processors` is entered
+        self._context_of = None  # the conditioning whose projections `_control.context_cache` holds
         missing = [n for n in self.layers if n not in sampler.layers]
         if missing:
             raise ValueError(f"Expected the modulated layers {missing} to be decoder attentions of the UNet.")
@@ -180,19 +222,25 @@ class Modulation(ABC):
     def processors(self) -> Iterator[AttentionControl]:
         """The controlled processors of the modulated and injected layers, installed once for every
         unit run inside the block (`labels` wraps a whole batch's units in it); re-entering it inside
-        reuses the installed ones."""
+        reuses the installed ones.
+
+        The control caches the projections of the cross-attentions' context (`context_cache`): a
+        unit runs with its record's conditioning, so they are the same for every unit run with the
+        same record's conditioning (`_run_steps` clears the cache when that changes).
+        """
         if self._control is not None:
             yield self._control
             return
         sm = self.sampler
         injecting = self.s.inject and bool(sm.qk_layers)
         layers = sorted(set(self.layers) | (set(sm.qk_layers) if injecting else set()))
-        with installed_processors(sm.bb.unet, layers, AttentionControl()) as control:
-            self._control = control
+        control = AttentionControl(context_cache={})
+        with installed_processors(sm.bb.unet, layers, control):
+            self._control, self._context_of = control, None
             try:
                 yield control
             finally:
-                self._control = None
+                self._control, self._context_of = None, None
 
     @torch.no_grad()
     def _run_steps(
@@ -212,7 +260,8 @@ class Modulation(ABC):
             x: the units' start latents, in the layout of the family's `cfg_step`.
             lat_mask: the units' masks at the latent size, broadcastable to `x`.
             terms: the modulation terms (`_terms`), added at the modulation steps.
-            inject: maps a recorded (2, N, ...) query or key to the units' layout of the layer.
+            inject: maps a recorded (2, N, ...) query or key to the units' layout of the layer
+                (applied inside each layer's call: `AttentionControl.inject_rows`).
             original: maps a latent of the pass (B, 4, h, w) to the units' layout (for blending).
             first_step: a context the first step runs in (SD's prefix replay), or None.
 
@@ -222,12 +271,14 @@ class Modulation(ABC):
         sm = self.sampler
         injecting = self.s.inject and bool(sm.qk_layers)
         with self.processors() as control:
+            if control.context_cache is not None and self._context_of is not record.conditioning:
+                control.context_cache.clear()  # projections of another conditioning
+                self._context_of = record.conditioning
             for step in sm.steps:
                 control.reset()
                 if injecting:
-                    control.inject = {
-                        name: (inject(q), inject(k)) for name, (q, k) in record.qk[step].items()
-                    }
+                    # the recorded tensors, gathered to the units' rows by each layer when it runs
+                    control.inject, control.inject_rows = record.qk[step], inject
                 if step in self.s.steps:
                     control.modulation = terms
                 replay = first_step is not None and step == sm.start_step
@@ -246,6 +297,7 @@ class Modulation(ABC):
         image_size: tuple[int, int],
         output_size: tuple[int, int] | None = None,
         first: int = 0,
+        clocks: dict[str, float] | None = None,
     ) -> torch.Tensor:
         """Labels of a batch at the frames' own resolution from its refined coarse masks.
 
@@ -259,6 +311,9 @@ class Modulation(ABC):
                 (e.g. the overlap of a video's last batch with the previous one), and their units are
                 neither run (SD: units are per frame) nor decoded. The labels of frames first.. are
                 exactly those of `first=0`.
+            clocks: if given, the seconds of the parts of the step (`MODULATION_CLOCKS`: the units'
+                UNet runs, their VAE decodes, the difference maps and argmax) are added to it; on
+                CUDA each reading synchronises the device. None: no clock, no synchronisation.
 
         Returns:
             (B - first, H, W) int64 labels of frames first..B-1, each a label of the frame's coarse mask.
@@ -273,12 +328,17 @@ class Modulation(ABC):
                 "Expected `record` to hold q/k for injection, but its sampler was made with no `qk_layers`."
             )
         s = self.s
+        unit_clock, decode_clock, scoring_clock = MODULATION_CLOCKS
+        clock = StageClock(clocks, self.sampler.bb.device)
         vote = LabelVote(coarse.shape[0] - first, output_size, coarse.device)
         with self.processors():  # installed once for all the batch's units, not per chunk of units
             for latents, frames, masks, labels in self._units(record, coarse, first):
+                clock.lap(unit_clock)  # the units of this group were built and run
                 images = self.sampler.decode(latents)
+                clock.lap(decode_clock)
                 strength = s.filter_strength if s.mask_filter else None
                 add_unit_votes(
                     vote, images, frames - first, masks, labels, s.blur_kernel, s.blur_sigma, strength
                 )
+                clock.lap(scoring_clock)
         return vote.best
