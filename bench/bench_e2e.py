@@ -18,7 +18,8 @@ What it does, in one process:
    truth), PNG output, `on_error: fail`, and the `--max_batch_images` / `--vae_batch_images` budget.
 3. Runs `vss_lightning.cli.main(["predict", "--config", ...])` in this process (exactly what the
    `vss-lightning predict` console script runs), timed by the wall clock. The per-video pipeline
-   results (seconds, per-stage seconds: encode, features, context, cbr, modulation, resize) and the
+   results (seconds, per-stage seconds: encode, features, context, cbr, modulation (with its parts
+   modulation_unet, modulation_decode, modulation_scoring), resize) and the
    time of the writer's PNG writes are recorded by wrapping `PseudoLabelWriter.handle` for the
    duration of the call (nothing in the package is changed); summary.json gives the labelling loop's
    seconds and frame count.
@@ -216,9 +217,9 @@ def recording():
     rec: dict[str, Any] = {"videos": [], "module": None}
     handle, setup = PseudoLabelWriter.handle, PseudoLabelWriter.setup
 
-    def timed_handle(self, result, sample=None):
+    def timed_handle(self, result, sample=None, **kwargs):
         t0 = time.perf_counter()
-        out = handle(self, result, sample)
+        out = handle(self, result, sample, **kwargs)
         write_s = time.perf_counter() - t0
         entry = {"type": type(result).__name__, "write_seconds": write_s}
         if isinstance(result, VideoLabels):
@@ -358,6 +359,9 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             f"error: expected {expected} frames labelled, but the run labelled {frames} (summary.json: "
             f"{summary['frames']} frames, {summary['failed']} failed)."
         )
+    from vss_lightning.pipeline.context import CONTEXT_CLOCKS
+    from vss_lightning.pipeline.modulation import MODULATION_CLOCKS
+
     stages: dict[str, float] = {}
     for v in done:
         for k, s in v["stage_seconds"].items():
@@ -367,7 +371,10 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     loop_s = float(summary["seconds"])
     per_frame = {k: s / frames for k, s in stages.items()}
     per_frame["png_write"] = write_s / frames
-    per_frame["pipeline_other"] = max(pipeline_s - sum(stages.values()), 0.0) / frames
+    # the context and modulation parts are inside their stages: not added again
+    parts = (*CONTEXT_CLOCKS, *MODULATION_CLOCKS)
+    top_level = sum(s for k, s in stages.items() if k not in parts)
+    per_frame["pipeline_other"] = max(pipeline_s - top_level, 0.0) / frames
     per_frame["loop_other"] = max(loop_s - pipeline_s - write_s, 0.0) / frames
 
     result: dict[str, Any] = {
@@ -398,6 +405,8 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "stage_seconds_per_frame": per_frame,
         "stage_notes": {
             "encode..resize": "the segmenter's own stage clocks (CUDA-synchronised), summed over videos",
+            "modulation_unet, modulation_decode, modulation_scoring": "parts of `modulation` (the units' "
+            "UNet runs, their VAE decodes, difference maps and argmax); `modulation` is their total",
             "png_write": "PseudoLabelWriter.handle per video: PNG encoding, atomic writes, DONE, summary",
             "pipeline_other": "a video's pipeline seconds outside the stages (label copies, prototypes)",
             "loop_other": "labelling loop minus pipeline and writes: JPEG decode/resize in the loader, "
@@ -463,7 +472,8 @@ def markdown(r: dict[str, Any]) -> str:
         return "-" if v is None else fmt.format(v)
 
     st = r["stage_seconds_per_frame"]
-    names = ["encode", "features", "context", "cbr", "modulation", "resize", "png_write", "loop_other"]
+    names = ["encode", "features", "context", "cbr", "modulation", "modulation_unet", "modulation_decode"]
+    names += ["modulation_scoring", "resize", "png_write", "loop_other"]
     head = (
         "| device | size | max_batch_images | frames | s/frame end to end | loop s/frame "
         "| segmenter-only s/frame | floor s/frame (K) | ratio | " + " | ".join(names) + " | peak GPU memory |"

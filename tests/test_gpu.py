@@ -19,6 +19,9 @@ from vss_lightning.pipeline.segmenter import VideoSegmenter
 from vss_lightning.pipeline.settings import ContextSettings, SpeedSettings
 
 CONTEXT = ContextSettings(batch_size=4, num_clusters=6)
+# Eager decodes: a compile (`compile_vae_decoder: auto` is on on CUDA) costs about a minute per test;
+# the compiled decoder is checked against eager by tests/test_decode_and_budget.py (CPU, eager backend).
+EAGER = SpeedSettings(compile_vae_decoder=False)
 
 pytestmark = pytest.mark.gpu
 
@@ -51,7 +54,8 @@ def test_fp16_agrees_with_fp32_on_a_real_clip(cuda, swan_frames):
     frames = swan_frames[:4]
     out = {}
     for dtype in ("float32", "float16"):
-        seg = VideoSegmenter(backbone=RandomStableDiffusion(dtype=dtype), context=CONTEXT).load(cuda)
+        backbone = RandomStableDiffusion(dtype=dtype)
+        seg = VideoSegmenter(backbone=backbone, context=CONTEXT, speed=EAGER).load(cuda)
         rec, feats, size = _pass(seg, frames)
         if dtype == "float32":
             coarse = kmeans(feats.flatten(0, 2), 6, n_init=2).view(feats.shape[:3])
@@ -67,7 +71,8 @@ def test_fp16_agrees_with_fp32_on_a_real_clip(cuda, swan_frames):
 
 def test_optimised_paths_equal_the_plain_path_on_gpu(cuda, swan_frames):
     frames = swan_frames[:4]
-    seg = VideoSegmenter(backbone=RandomStableDiffusion(dtype="float16"), context=CONTEXT).load(cuda)
+    backbone = RandomStableDiffusion(dtype="float16")
+    seg = VideoSegmenter(backbone=backbone, context=CONTEXT, speed=EAGER).load(cuda)
     rec, feats, size = _pass(seg, frames)
     coarse = kmeans(feats.flatten(0, 2), 6, n_init=2).view(feats.shape[:3])
     fast = _labels(seg, rec, coarse, size)  # prefix reuse + 56-image chunks

@@ -53,8 +53,6 @@ def test_swan_full_method_is_deterministic(swan_frames):
     for t in range(14):
         assert set(a.labels[t].unique().tolist()) <= set(a.coarse[t].unique().tolist())
     assert len(a.labels.unique()) >= 2
-    c = seg.segment(small, key="another-video:0")  # other noise, same method
-    assert c.labels.shape == a.labels.shape
 
 
 def test_camvid_several_batches_first_frame_gt(camvid_clip):
@@ -132,6 +130,7 @@ SPEED_ONLY = {
         "vae_batch_images",
         "channels_last",
         "compile_vae_decoder",
+        "compile_cache_dir",
         "reuse_prefix",
         "kmeans_backend",  # the same clusters (tests/test_torch_kmeans.py), except at exact ties
     },
@@ -233,7 +232,7 @@ def test_compiled_vae_decoder_gives_the_same_labels():
     """torch.compile of the VAE decoder (slow: a CPU inductor compile) leaves the labels unchanged."""
     g = torch.Generator().manual_seed(0)
     frames = torch.randint(0, 256, (3, 3, 128, 192), dtype=torch.uint8, generator=g)
-    speed = SpeedSettings(max_batch_images=64, vae_batch_images=4)  # 3 frames = a padded last chunk
+    speed = SpeedSettings(max_batch_images=64, vae_batch_images=4, compile_vae_decoder=False)
     a = _segmenter(batch_size=3, speed=speed).segment(frames, key="v:0").labels
     compiled = SpeedSettings(max_batch_images=64, vae_batch_images=4, compile_vae_decoder=True)
     b = _segmenter(batch_size=3, speed=compiled).segment(frames, key="v:0").labels

@@ -24,6 +24,9 @@ from .torch_kmeans import check_kmeans_arguments, torch_kmeans
 
 KMeansBackend = Literal["auto", "sklearn", "torch"]
 KMEANS_BACKENDS = ("auto", "sklearn", "torch")
+# The parts of the segmenter's "context" stage it clocks (seconds): the K-Means initialisation of a
+# video's first batch (or the per-frame K-Means of the baseline) and the KNN labels of every batch.
+CONTEXT_CLOCKS = ("context_kmeans", "context_knn")
 
 
 def linf_normalize(features: Tensor) -> Tensor:

@@ -16,6 +16,8 @@ step, plus the features.
 
 from __future__ import annotations
 
+import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -30,6 +32,9 @@ from .prefix import PrefixCache
 
 ResizeMode = Literal["bicubic", "bilinear"]
 VaeEncode = Literal["mean", "sample"]
+# The budget `speed.max_batch_images: auto` stands for until the segmenter fits it to a frame size
+# (on CUDA; `budget.MemoryModel`), and off CUDA.
+DEFAULT_MAX_BATCH_IMAGES = 56
 
 
 def resize_to_multiple(
@@ -110,31 +115,74 @@ def encode_latents(
 
 
 def decode_in_chunks(
-    latents: torch.Tensor,
-    chunk_size: int,
-    decoder: torch.nn.Module,
-    decode: Callable[[torch.Tensor], torch.Tensor],
+    latents: torch.Tensor, chunk_size: int, decode: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """Decode latents `chunk_size` at a time; with a compiled `decoder` the last chunk is padded to one
-    input shape (instead of recompiling) and the padding is dropped from the output.
+    """Decode n latents in ceil(n / `chunk_size`) chunks of near-equal size (sizes differ by at most
+    one), with no padding: every image decoded is an image used.
 
     Args:
         latents: (N, ...) latents.
         chunk_size: most latents per call of `decode`.
-        decoder: the VAE's decoder module (checked for `torch.compile`).
         decode: maps a chunk of latents to float32 images.
 
     Returns:
         (N, 3, H, W) images.
     """
-    compiled = isinstance(decoder, torch._dynamo.OptimizedModule)
-    out = []
-    for chunk in latents.split(chunk_size):
-        n = chunk.shape[0]
-        if compiled and n < chunk_size:
-            chunk = torch.cat([chunk, chunk[-1:].expand(chunk_size - n, *chunk.shape[1:])])
-        out.append(decode(chunk)[:n])
-    return torch.cat(out)
+    chunks = math.ceil(latents.shape[0] / max(1, chunk_size))
+    return torch.cat([decode(chunk) for chunk in latents.tensor_split(chunks)])
+
+
+def _mark_dynamic_sizes(module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a compiled decoder: its input's batch, height and width are dynamic."""
+    sample = args[0]  # (N, C, h, w)
+    torch._dynamo.mark_dynamic(sample, [0, sample.dim() - 2, sample.dim() - 1])
+
+
+def compile_decoder(decoder: torch.nn.Module, backend: str | Callable = "inductor") -> torch.nn.Module:
+    """`torch.compile` a VAE decoder for any chunk size and frame size.
+
+    The input's batch and spatial sizes are marked dynamic before every call (`mark_dynamic`, from a
+    forward pre-hook, which runs outside the compiled frame), so the decoder compiles once, at its
+    first call, and neither a new chunk size nor a new frame size compiles it again (static shapes
+    would recompile for each, and fall back to eager after Dynamo's recompile limit). Only a chunk of
+    one latent is compiled once more (Dynamo specialises sizes 0 and 1); SD's decodes never have one,
+    as they come in pairs (+ and - units). Bucketing instead would pad: the batch with wasted decodes,
+    or the latent with borders that change the pixels.
+
+    Args:
+        decoder: the VAE's decoder (`vae.decoder`); its first argument is the (N, C, h, w) latent.
+        backend: the `torch.compile` backend ("inductor"; tests use "eager").
+
+    Returns:
+        The compiled decoder (an `OptimizedModule`; its state dict is the decoder's).
+    """
+    compiled = torch.compile(decoder, backend=backend)
+    compiled.register_forward_pre_hook(_mark_dynamic_sizes)
+    return compiled
+
+
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def use_compile_cache_dir(directory: str | None) -> str | None:
+    """Point Inductor's on-disk caches (FX graph, AOTAutograd, Triton kernels: all under
+    `TORCHINDUCTOR_CACHE_DIR`, torch's documented knob, read at each compile) at `directory`, so a
+    restarted job finds its compiled kernels. Call it before the first compile of the process.
+
+    The environment variable, when already set, wins (a job's environment overrides its config);
+    None leaves torch's default.
+
+    Returns:
+        The cache directory in effect, or None for torch's default.
+    """
+    if os.environ.get(COMPILE_CACHE_ENV):
+        return os.environ[COMPILE_CACHE_ENV]
+    if directory is None:
+        return None
+    path = os.path.abspath(os.path.expanduser(directory))
+    os.makedirs(path, exist_ok=True)
+    os.environ[COMPILE_CACHE_ENV] = path
+    return path
 
 
 def prepared(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -205,7 +253,8 @@ class Sampler(ABC):
         num_inference_steps: length of the schedule (25).
         start_step: index of the first step run (the noising level).
         guidance_scale: classifier-free guidance scale.
-        max_batch_images: most images per UNet forward (each CFG branch counts); bounds memory.
+        max_batch_images: most images per UNet forward (each CFG branch counts); bounds memory
+            ("auto": `DEFAULT_MAX_BATCH_IMAGES`, which the segmenter refits per frame size on CUDA).
         vae_batch_images: most images per VAE encode/decode.
         qk_layers: the layers whose q/k the unmodulated pass keeps for injection (default: every
             decoder attention; [] keeps none). The family decides them from its modulation settings.
@@ -222,7 +271,7 @@ class Sampler(ABC):
         num_inference_steps: int,
         start_step: int,
         guidance_scale: float,
-        max_batch_images: int,
+        max_batch_images: int | Literal["auto"],
         vae_batch_images: int,
         qk_layers: list[str] | None = None,
     ) -> None:
@@ -230,6 +279,8 @@ class Sampler(ABC):
             raise ValueError(
                 f"Expected `start_step` to be in [0, {num_inference_steps}), but got {start_step}."
             )
+        if max_batch_images == "auto":  # (a family given `SpeedSettings()`)
+            max_batch_images = DEFAULT_MAX_BATCH_IMAGES
         if max_batch_images < 2:
             raise ValueError(f"Expected `max_batch_images` to be at least 2, but got {max_batch_images}.")
         self.bb = backbone
@@ -298,7 +349,6 @@ class Sampler(ABC):
         return decode_in_chunks(
             latents,
             self.vae_batch_images,
-            vae.decoder,
             lambda z: vae.decode(
                 z.to(bb.device, bb.vae_dtype) / vae.config.scaling_factor, **kw
             ).sample.float(),

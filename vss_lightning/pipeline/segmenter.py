@@ -23,18 +23,26 @@ import hashlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
 from .attention import AttentionControl
 from .backbone import Backbone, StableDiffusion
-from .context import SceneContextModel, linf_normalize, per_frame_kmeans, resize_gt_to_grid
+from .budget import MemoryModel, free_device_memory
+from .context import CONTEXT_CLOCKS, SceneContextModel, linf_normalize, per_frame_kmeans, resize_gt_to_grid
 from .modulation import Modulation, ModulationSettings
 from .naming import ClassNamer, NamingSettings, build_namer
 from .refine import correspondence_refine
-from .sampler import LoadedModels, Sampler, resize_to_multiple
+from .sampler import (
+    DEFAULT_MAX_BATCH_IMAGES,
+    LoadedModels,
+    Sampler,
+    compile_decoder,
+    resize_to_multiple,
+    use_compile_cache_dir,
+)
 from .settings import (
     LABEL_SETTINGS,
     ContextSettings,
@@ -93,7 +101,7 @@ class Segmentation:
         labels: (T, H, W) int64 label maps at the input size (CPU).
         coarse: (T, h, w) int64 refined coarse labels (CPU).
         state: the state to pass with the next clip of the same video.
-        seconds: wall-clock seconds per stage.
+        seconds: wall-clock seconds per stage (`VideoSegmenter.iter_segment`).
     """
 
     labels: torch.Tensor
@@ -181,10 +189,20 @@ class VideoSegmenter:
         self._modulation: Modulation | None = None
         self._namer: ClassNamer | None = None
         self._naming_key: tuple | None = None
+        # `max_batch_images: auto` on CUDA: the memory model, the free bytes at load, the latent size
+        # the sampler's budget was last fitted to
+        self._memory: tuple[MemoryModel, int] | None = None
+        self._budget_size: tuple[int, int] | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def load(self, device: torch.device | str = "cpu") -> VideoSegmenter:
-        """Load the backbone on `device` (the heavy part); returns self."""
+        """Load the backbone on `device` (the heavy part); returns self.
+
+        Resolves the "auto" speed settings for the device: the VAE decoder is compiled on CUDA (lazily,
+        at its first decode; `compile_decoder`), and with `max_batch_images: auto` the GPU memory
+        free now, with the weights loaded, is read for the budget each frame size gets
+        (`MemoryModel`; 56 off CUDA).
+        """
         self._loaded = self.backbone.load(device)
         vae, unet = self._loaded.vae, self._loaded.unet
         speed = self.speed
@@ -196,18 +214,41 @@ class VideoSegmenter:
             for module in (unet, vae):
                 if all(p.dim() <= 4 for p in module.parameters()):
                     module.to(memory_format=torch.channels_last)
-        if speed.compile_vae_decoder:
-            vae.decoder = torch.compile(vae.decoder)
+        if speed.compiles_vae_decoder(self._loaded.device):
+            use_compile_cache_dir(speed.compile_cache_dir)
+            vae.decoder = compile_decoder(vae.decoder)
+        free = free_device_memory(self._loaded.device) if speed.max_batch_images == "auto" else None
+        budget = DEFAULT_MAX_BATCH_IMAGES if speed.max_batch_images == "auto" else speed.max_batch_images
         self._sampler = self.backbone.make_sampler(
             self._loaded,
             self.modulation,
-            speed,
+            replace(speed, max_batch_images=budget),
             num_inference_steps=self.sampling.num_inference_steps,
             start_step=self.sampling.noise_step,
             guidance_scale=self.sampling.guidance_scale,
         )
         self._modulation = self.backbone.make_modulation(self.modulation, self._sampler)
+        self._memory, self._budget_size = None, None
+        if free is not None:
+            sm = self._sampler
+            model = MemoryModel(
+                frames_per_batch=self.context.batch_size,
+                steps=len(sm.steps),
+                dtype_bytes=self._loaded.dtype.itemsize,
+                keeps_qk=bool(sm.qk_layers),
+                keeps_prefix=sm.prefix_layer is not None,
+            )
+            self._memory = (model, free)
         return self
+
+    def _fit_budget(self, latent_size: tuple[int, int]) -> None:
+        """With `max_batch_images: auto` on CUDA, set the sampler's budget for this latent size (once
+        per size: a budget lowered meanwhile, e.g. by the OOM retry, stays until the size changes)."""
+        if self._memory is None or latent_size == self._budget_size:
+            return
+        model, free = self._memory
+        self._sampler.max_batch_images = model.max_batch_images(free, latent_size)
+        self._budget_size = latent_size
 
     def enable_naming(self, class_names: list[str] | None, settings: NamingSettings | None = None) -> None:
         """Score every frame's feature-grid cells for `class_names` from the cross-attention queries
@@ -324,7 +365,12 @@ class VideoSegmenter:
             state: the state returned for the previous clip of the same video, or None.
             key: identifies the video/clip for seeding (e.g. "<video_id>:<frame_offset>"), so a
                 video's labels do not depend on where or when it is processed.
-            seconds: if given, wall-clock seconds per stage are added to it.
+            seconds: if given, wall-clock seconds per stage are added to it ("encode", "features",
+                "naming", "context", "cbr", "modulation", "resize"), and of parts of a stage: of
+                "context", `CONTEXT_CLOCKS` ("context_kmeans": the K-Means initialisation, or the
+                per-frame K-Means; "context_knn": the KNN labels), which "context" includes (it stays
+                the stage's total); of "modulation", `MODULATION_CLOCKS`. On CUDA each reading
+                synchronises the device. None: no clocks and no synchronisation.
             context_frames: the first frames are context only (e.g. a ground-truth anchor whose
                 labels are out already): they take part in clustering and memory but are neither
                 modulated nor yielded.
@@ -335,7 +381,6 @@ class VideoSegmenter:
         self._require_loaded()
         self._validate(frames, first_frame_gt)
         sm, dev = self._sampler, self.device
-        seconds = seconds if seconds is not None else {}
         mode = "first_frame_gt" if first_frame_gt is not None else "cluster"
         c, fr = self.context, self.frames
         per_frame = c.method == "per_frame_kmeans"
@@ -357,6 +402,9 @@ class VideoSegmenter:
         control = AttentionControl()
 
         def tick(stage: str, t0: float) -> float:
+            """Add the seconds since `t0` to `stage`; the time now (0.0 without clocks)."""
+            if seconds is None:
+                return 0.0
             if dev.type == "cuda":  # stage times need the queued kernels finished
                 torch.cuda.synchronize(dev)
             now = time.perf_counter()
@@ -364,11 +412,13 @@ class VideoSegmenter:
             return now
 
         for start in batch_starts(t_total, c.batch_size):
-            t0 = time.perf_counter()
+            t0 = time.perf_counter() if seconds is not None else 0.0
             end = min(start + c.batch_size, t_total)
             # (B, 3, H', W') in [-1, 1]
             x = resize_to_multiple(frames[start:end].to(dev), fr.size_multiple, fr.resize)
             size = tuple(x.shape[-2:])
+            scale = self._loaded.vae_scale_factor
+            self._fit_budget((size[0] // scale, size[1] // scale))
             posterior = None
             if fr.vae_encode == "sample":
                 posterior = torch.Generator().manual_seed(noise_seed(self.seed, key, start, "vae"))
@@ -391,18 +441,24 @@ class VideoSegmenter:
             if namer is not None:  # matrix products on the stored queries, no UNet pass
                 scores = namer.scores(record.captured.pop(namer.step), grid)
                 t0 = tick("naming", t0)
+            context_start = t0
+            kmeans_clock, knn_clock = CONTEXT_CLOCKS
             if per_frame:
                 coarse = per_frame_kmeans(
                     feats, c.num_clusters, c.kmeans_n_init, self.seed, self.speed.kmeans_backend
                 )
+                t0 = tick(kmeans_clock, t0)
             else:
                 if not ctx.initialised:
                     gt = None
                     if first_frame_gt is not None:
                         gt = resize_gt_to_grid(first_frame_gt.to(dev).long(), grid)
                     ctx.initialise(feats, gt)
+                    t0 = tick(kmeans_clock, t0)
                 coarse = ctx.predict(feats)
-            t0 = tick("context", t0)
+                t0 = tick(knn_clock, t0)
+            if seconds is not None:  # the whole stage: its parts' sum, no second reading
+                seconds["context"] = seconds.get("context", 0.0) + t0 - context_start
             r = self.refinement
             if r.enabled:
                 coarse = correspondence_refine(
@@ -415,7 +471,8 @@ class VideoSegmenter:
             # are context only (`context_frames`): they are not modulated or decoded again.
             new = max(emitted, start) - start
             # (B - new, H, W): the argmax is taken at the frames' own size
-            full = self._modulation.labels(record, coarse, size, (h_in, w_in), first=new)
+            # `modulation` is the whole stage; `labels` adds its parts (`modulation.MODULATION_CLOCKS`)
+            full = self._modulation.labels(record, coarse, size, (h_in, w_in), first=new, clocks=seconds)
             del record
             t0 = tick("modulation", t0)
             # the "resize" stage (kept for logs and benchmarks) is now only the copy of the labels

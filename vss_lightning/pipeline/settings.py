@@ -9,12 +9,17 @@ so `--print_config` lists the settings stage by stage, in the order of the metho
 settings hash written next to the outputs (`VideoSegmenter.settings`). Everything else is a speed or
 memory setting, which a resumed run may change without invalidating finished videos. A new field
 must be classified (tests/test_segmenter.py fails for a field in neither list).
+
+`SpeedSettings.compiles_vae_decoder` resolves `compile_vae_decoder: auto` (compile on CUDA);
+`budget.MemoryModel` resolves `max_batch_images: auto`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+import torch
 
 from .sampler import ResizeMode, VaeEncode
 
@@ -150,20 +155,38 @@ class RefinementSettings:
         _check_choice("refinement.jump_filter", self.jump_filter, ("both", "reference", "none"))
 
 
+DEFAULT_COMPILE_CACHE_DIR = "~/.cache/vss_lightning/torch_compile"
+
+
 @dataclass
 class SpeedSettings:
     """Speed and memory: the same labels, whatever their values (except `vae_tiling`).
 
     Attributes:
         max_batch_images: most images in one UNet forward (CFG branches count): the memory budget.
-        vae_batch_images: most images in one VAE encode/decode.
+            "auto" (the default) picks it per frame size from the GPU memory free when the segmenter
+            is loaded and an estimate of the job's peak (`budget.MemoryModel`): the largest multiple of 4 up
+            to 56 (fewer for frames larger than 832x448) whose estimate fits, so one config runs on
+            24, 80 and 141 GB cards; 56 off CUDA.
+        vae_batch_images: most images in one VAE encode/decode; n latents are decoded in
+            ceil(n / vae_batch_images) chunks of near-equal size (no padding).
         vae_tiling: decode in overlapping tiles (diffusers `enable_tiling`): less memory for very
             large frames, slightly different pixels at tile seams (so it is part of the settings
             hash). Stable Diffusion only.
         channels_last: run the UNet and VAE in channels-last memory format. Stable Diffusion only
             (SVD's 5-D video weights keep their layout).
-        compile_vae_decoder: `torch.compile` the VAE decoder (GPU: about 2x faster decodes after
-            a one-off compile of about a minute; decode chunks are padded to one shape).
+        compile_vae_decoder: `torch.compile` the VAE decoder (GPU: about 2x faster decodes after a
+            one-off compile of about a minute at the first decode, with batch and spatial sizes
+            dynamic, so neither a new chunk size nor a new frame size compiles again). "auto" (the
+            default): on a CUDA device, eager elsewhere. The job's frame count is not known when
+            the segmenter loads, so the compile is paid once per process whatever the job's length
+            (with `compile_cache_dir`, about once per machine); it repays itself after about 120
+            frames at 832x448 with K = 20 (PERF-NOTES figures: 11 ms saved per decode, 40 decodes per
+            frame). Set false for short GPU jobs.
+        compile_cache_dir: where the compiled decoder's Inductor caches (FX graph, AOTAutograd,
+            Triton kernels) persist, so a restarted job loads its kernels instead of compiling them
+            ("~" is expanded). The environment variable `TORCHINDUCTOR_CACHE_DIR`, when set, wins;
+            None leaves torch's default (a per-user folder under the system's temporary directory).
         reuse_prefix: at the first modulated step, reuse the unmodulated pass's UNet computation
             before the modulated layer instead of recomputing it (same labels, about a fifth less
             UNet work). None (the default): on where the family has it (Stable Diffusion), off
@@ -174,24 +197,38 @@ class SpeedSettings:
             never waits on a host copy; scikit-learn elsewhere).
     """
 
-    max_batch_images: int = 56
+    max_batch_images: Literal["auto"] | int = "auto"
     vae_batch_images: int = 8
     vae_tiling: bool = False
     channels_last: bool = False
-    compile_vae_decoder: bool = False
+    compile_vae_decoder: Literal["auto"] | bool = "auto"
+    compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR
     reuse_prefix: bool | None = None
     kmeans_backend: Literal["auto", "sklearn", "torch"] = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("speed.kmeans_backend", self.kmeans_backend, ("auto", "sklearn", "torch"))
-        if self.max_batch_images < 2:
+        if self.compile_vae_decoder not in (True, False, "auto"):
             raise ValueError(
-                f"Expected `speed.max_batch_images` to be at least 2, but got {self.max_batch_images}."
+                "Expected `speed.compile_vae_decoder` to be true, false or 'auto', but got "
+                f"{self.compile_vae_decoder!r}."
+            )
+        budget = self.max_batch_images
+        if budget != "auto" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 2):
+            raise ValueError(
+                f"Expected `speed.max_batch_images` to be 'auto' or an integer of at least 2, but got "
+                f"{budget!r}."
             )
         if self.vae_batch_images < 1:
             raise ValueError(
                 f"Expected `speed.vae_batch_images` to be at least 1, but got {self.vae_batch_images}."
             )
+
+    def compiles_vae_decoder(self, device: torch.device) -> bool:
+        """Whether the VAE decoder is compiled on `device` ("auto": on CUDA only)."""
+        if self.compile_vae_decoder == "auto":
+            return torch.device(device).type == "cuda"
+        return bool(self.compile_vae_decoder)
 
 
 # The settings hash: the fields that change the labels, per group ("seed" is the segmenter's own
