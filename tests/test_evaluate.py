@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import tarfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -367,27 +366,11 @@ def test_cli_num_classes_below_two_and_unwritable_out(dataset, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def predicted(tmp_path_factory) -> tuple[str, Path, Path]:
-    """Labelled synthetic shards ("a" in two clips, "b" in another shard) and the smoke config's `predict`
-    of them, once as png folders and once as label shards: (gt pattern, png folder, shards folder)."""
-    from shards import CLIP_FRAMES, make_shards, predict_args
-
-    from vss_lightning.cli import main as cli_main
-
-    root = tmp_path_factory.mktemp("predicted")
-    make_shards(root / "gt", [[("a", 5)], [("b", 2)]], clip_frames=CLIP_FRAMES, labelled=True)  # C = 4
-    gt, png, tars = str(root / "gt" / "*.tar"), root / "png", root / "tars"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is fastest on a busy machine
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "LightningCLI's args parameter", UserWarning)
-            cli_main(predict_args(gt, png))
-            cli_main(predict_args(gt, tars, "--output_format", "shards"))
-    finally:
-        torch.set_num_threads(threads)
-    assert list(tars.glob("labels-rank*.tar")) and not list(tars.glob("*/*.png"))
-    return gt, png, tars
+def predicted(local_labels) -> tuple[str, Path, Path]:
+    """Labelled synthetic shards ("a" in two clips; "b", "c") and the smoke config's `predict` of them,
+    as png folders and as label shards (conftest `local_labels`): (gt pattern, png folder, shards folder)."""
+    assert list(local_labels.tars.glob("labels-rank*.tar")) and not list(local_labels.tars.glob("*/*.png"))
+    return local_labels.shards, local_labels.png, local_labels.tars
 
 
 def test_label_shards_score_as_the_same_labels_stored_as_png(predicted):
@@ -399,7 +382,7 @@ def test_label_shards_score_as_the_same_labels_stored_as_png(predicted):
             assert proc.returncode == 0, proc.stderr
             results.append(json.loads(proc.stdout))
         assert results[0] == results[1], matching  # every metric, per-class IoU and `missing`
-        assert (results[0]["frames"], results[0]["videos"], results[0]["missing"]) == (7, 2, [])
+        assert (results[0]["frames"], results[0]["videos"], results[0]["missing"]) == (12, 3, [])
         assert len(results[0]["per_class_iou"]) == 4
 
 
@@ -435,8 +418,8 @@ def test_missing_video_and_frame_in_label_shards_behave_as_missing_pngs(predicte
         assert "'b_f0001' of video 'b' is missing; counted as wrong" in proc.stderr
         results.append(json.loads(proc.stdout))
     assert results[0] == results[1]
-    assert results[0]["missing"] == ["a/a_f0004.png", "b/b_f0000.png", "b/b_f0001.png"]
-    assert (results[0]["frames"], results[0]["videos"]) == (7, 2)  # scored, as wrong
+    assert results[0]["missing"] == ["a/a_f0004.png", "b/b_f0000.png", "b/b_f0001.png", "b/b_f0002.png"]
+    assert (results[0]["frames"], results[0]["videos"]) == (12, 3)  # scored, as wrong
     shutil.rmtree(tar_out)
     tar_out.mkdir()
     _copy_tar_without(tar, tar_out / tar.name, ("b__",))  # only "b" missing: the error names it

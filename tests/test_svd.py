@@ -392,9 +392,10 @@ def test_configs_parse_without_loading_weights(name, capsys, monkeypatch):
     assert seg.modulation.blend_steps == list(range(17, 25)) and seg.modulation.block == 8
 
 
-def test_swan_segments_deterministically_with_full_size_labels(swan_frames):
+def test_swan_segments_with_full_size_labels(swan_frames):
     # The real clip, downscaled so the CPU run takes seconds; 80x150 is resized to 64x128 inside.
-    # Seven frames in one batch of seven (the golden test runs the smoke config on swan as well).
+    # Seven frames in one batch of seven. Run to run determinism: tests/test_golden.py pins the labels
+    # of the SVD smoke config on swan and CamVid (in another process, so across runs).
     frames = swan_frames[:7]
     small = torch.nn.functional.interpolate(frames.float(), size=(80, 150), mode="area").round().byte()
     seg = VideoSegmenter(
@@ -405,9 +406,7 @@ def test_swan_segments_deterministically_with_full_size_labels(swan_frames):
         speed=SpeedSettings(max_batch_images=56, reuse_prefix=False),
     ).load("cpu")
     a = seg.segment(small, key="swan:0")
-    b = seg.segment(small, key="swan:0")
     assert a.labels.shape == (7, 80, 150) and a.coarse.shape == (7, 4, 8)
-    assert torch.equal(a.labels, b.labels) and torch.equal(a.coarse, b.coarse)
     for f in range(7):
         assert set(a.labels[f].unique().tolist()) <= set(a.coarse[f].unique().tolist())
     assert set(a.coarse.unique().tolist()) <= set(range(3))
