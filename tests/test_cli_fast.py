@@ -73,7 +73,9 @@ def print_config_cases(folder) -> dict[str, list[list[str]]]:
     overlay.write_text(OVERLAY, encoding="utf-8")
     configs = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "multinode.yaml")  # an overlay (DDP)
     vspw, svd = str(CONFIGS / "vspw.yaml"), str(CONFIGS / "smoke_svd.yaml")
-    fast = [[sub, "--config", str(c), "--print_config"] for c in configs for sub in cli.SUBCOMMANDS]
+    # every config once, the subcommands in turn (the snapshot reads a config the same way for each)
+    subs = cli.SUBCOMMANDS
+    fast = [[subs[i % len(subs)], "--config", str(c), "--print_config"] for i, c in enumerate(configs)]
     fast += [
         ["predict", "--print_config"],
         ["predict", "--print_config", "--config", SMOKE, "--data.num_workers", "3"],  # anywhere
@@ -138,7 +140,10 @@ def value_error_cases(folder) -> dict[str, list[list[str]]]:
         ["predict", SEG + "seed", "x"],  # no segmenter class yet
         ["predict", "--config", SMOKE, "--trainer.devices", "x"],  # takes strings
     ]
-    return {"refused": refused, "deferred": deferred}
+    # the `lightning` script's answers (only its name differs) for a few kinds: a word and a bool for an
+    # int, a Literal, a float for an int, a backbone init arg after a class_path switch, a union
+    lightning = [refused[i] for i in (0, 1, 2, 3, 10, 12)]
+    return {"refused": refused, "deferred": deferred, "lightning": lightning}
 
 
 HELP_CASES = [  # the first is the plain help (`fresh["help"]`)
@@ -169,14 +174,14 @@ def fresh(tmp_path_factory) -> dict:
         committed = None
     build = "reuse" if cli_schema.stale_reason(committed) is None else "build"
     done = subprocess.run([sys.executable, "-c", RENDER, json.dumps(argvs), json.dumps(HELP_CASES),
-                           json.dumps(values["refused"]), build], capture_output=True, text=True, env=env,
+                           json.dumps(values["lightning"]), build], capture_output=True, text=True, env=env,
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["schema"] = result["schema"] or committed
     result["cases"], result["values"] = cases, values
     result["print_config"] = dict(zip(map(tuple, argvs), result.pop("printed"), strict=True))
-    result["lightning"] = dict(zip(map(tuple, values["refused"]), result["lightning"], strict=True))
+    result["lightning"] = dict(zip(map(tuple, values["lightning"]), result["lightning"], strict=True))
     result["path"] = folder / "fresh.json"
     result["path"].write_text(cli_schema_build.dumps(result["schema"]), encoding="utf-8")
     return result
@@ -413,8 +418,10 @@ def test_a_refused_value_gets_the_full_parsers_answer(fresh, monkeypatch):
     monkeypatch.delenv("JSONARGPARSE_DEFAULT_ENV", raising=False)
     schema = fresh["schema"]
     for argv in fresh["values"]["refused"]:
-        for prog, (code, out, err) in (("vss-lightning", fresh["print_config"][tuple(argv)]),
-                                       ("lightning", fresh["lightning"][tuple(argv)])):  # fmt: skip
+        answers = [("vss-lightning", fresh["print_config"][tuple(argv)])]
+        if tuple(argv) in fresh["lightning"]:
+            answers.append(("lightning", fresh["lightning"][tuple(argv)]))
+        for prog, (code, out, err) in answers:
             assert code == cli.EXIT_USAGE and out == "" and err.startswith("error: "), (prog, argv, err)
             assert cli_schema.value_error(argv, prog, schema) == err, (prog, argv)
             assert cli_schema.precheck(argv, prog, schema) is None  # no misspelled key on these lines
