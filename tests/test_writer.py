@@ -19,7 +19,7 @@ from PIL import Image
 
 from vss_lightning.data.format import VideoMeta
 from vss_lightning.io.labels import label_array
-from vss_lightning.io.locks import HOST, FileLock, process_start
+from vss_lightning.io.locks import HOST, FileLock, process_exited, process_start
 from vss_lightning.io.previews import preview_png
 from vss_lightning.io.summary import (
     SUMMARY,
@@ -385,6 +385,28 @@ def test_video_lock_held_by_a_live_job_skips_the_video_and_a_stale_one_is_taken_
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_lock_of_an_exited_but_unreaped_process_is_stale(tmp_path):
+    """A zombie (exited, not yet reaped: e.g. a DDP rank of a killed job, orphaned in a container whose
+    init does not reap) still answers `os.kill(pid, 0)`; its lock is stale all the same."""
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for until the end
+    try:
+        deadline = time.monotonic() + 60
+        while not process_exited(zombie.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process_exited(zombie.pid) and not process_exited(os.getpid())
+        os.kill(zombie.pid, 0)  # no ProcessLookupError: the pid is still taken
+        writer = _writer(tmp_path)
+        _lock_record(tmp_path / "z.lock", pid=zombie.pid, proc_start=process_start(zombie.pid))
+        meta = _meta("z", 2)
+        assert not writer.is_complete(meta)  # taken over
+        assert json.loads((tmp_path / "z.lock").read_text())["pid"] == os.getpid()
+        writer.handle(VideoLabels(meta, _labels(2), "k", "s.tar"))
+        assert (tmp_path / "z" / "DONE").exists() and not (tmp_path / "z.lock").exists()
+        _finish(writer)
+    finally:
+        zombie.wait()
 
 
 def test_video_lock_is_held_across_clips_and_released_on_failure(tmp_path):

@@ -4,8 +4,9 @@ A lock is a small file created with `O_CREAT | O_EXCL` (atomic on local filesyst
 holding JSON `{host, pid, proc_start, started, token}`. While it exists, the video (or file) it
 guards belongs to its holder. A lock is *stale*, and is taken over, when its holder is gone:
 
-- same host: the pid no longer runs (`os.kill(pid, 0)`), or runs a newer process (the pid was reused:
-  its start time in `/proc/<pid>/stat` differs from the recorded one);
+- same host: the pid no longer runs (`os.kill(pid, 0)`, or `/proc/<pid>/stat` says it exited and
+  waits to be reaped: a zombie), or runs a newer process (the pid was reused: its start time in
+  `/proc/<pid>/stat` differs from the recorded one);
 - another host: the lock file was not touched (`refresh`) for `stale_after_s` seconds.
 
 A takeover is itself serialised by a guard file (`.<name>`, also `O_EXCL`): only the job that holds
@@ -31,13 +32,26 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 HOST = socket.gethostname()
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of process `pid` (clock ticks since boot, Linux), None where unknown."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of `/proc/<pid>/stat` after the command name (field 3 on), None where unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2 :].split()[19]  # field 22: starttime
-    except (OSError, ValueError, IndexError):
+        return stat[stat.rindex(")") + 2 :].split()
+    except (OSError, ValueError):
         return None
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot, Linux), None where unknown."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None  # field 22: starttime
+
+
+def process_exited(pid: int) -> bool:
+    """Whether process `pid` has exited but was not reaped yet (a zombie, Linux): e.g. a DDP rank of a
+    killed job, orphaned in a container whose init does not reap, answers `os.kill(pid, 0)` forever."""
+    fields = _proc_stat(pid)
+    return fields is not None and len(fields) > 0 and fields[0] in ("Z", "X")
 
 
 def _create(path: Path, record: dict[str, Any]) -> bool:
@@ -97,6 +111,8 @@ class FileLock:
                 return False
             except PermissionError:  # runs, as another user
                 pass
+            if process_exited(pid):
+                return False
             recorded, now = holder.get("proc_start"), process_start(pid)
             return recorded is None or now is None or recorded == now
         try:
