@@ -76,7 +76,7 @@ def local_labels(tmp_path_factory) -> SimpleNamespace:
     """One labelled synthetic corpus ("a": 5 frames stored in two clips, "b": 3 and "c": 4 in one clip
     each, two shards) and its labels from the smoke config, once as png folders and once as label
     shards: what the vocabulary and evaluate end-to-end tests fit, apply, compare and score."""
-    from shards import CLIP_FRAMES, make_shards, predict_args
+    from shards import CLIP_FRAMES, make_shards, one_torch_thread, predict_args
 
     from vss_lightning.cli import main as cli_main
 
@@ -84,11 +84,7 @@ def local_labels(tmp_path_factory) -> SimpleNamespace:
     videos = make_shards(root / "shards", [[("a", 5), ("b", 3)], [("c", 4)]], clip_frames=CLIP_FRAMES,
                          labelled=True)  # fmt: skip
     shards, png, tars = str(root / "shards" / "*.tar"), root / "png", root / "tars"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         cli_main(predict_args(shards, png))
         cli_main(predict_args(shards, tars, "--output_format", "shards"))
-    finally:
-        torch.set_num_threads(threads)
     return SimpleNamespace(videos=videos, shards=shards, png=png, tars=tars)

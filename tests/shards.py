@@ -7,6 +7,7 @@ the tiny backbone runs fast; optional labels mark the rectangles. Helpers also m
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import io
 import json
@@ -14,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,14 +160,23 @@ def done_records(out: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/DONE"))}
 
 
-@pytest.fixture(autouse=False)
-def one_thread():
-    """Run torch on one CPU thread during a test (much faster for tiny models on a busy machine,
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one CPU thread inside the block (much faster for tiny models on a busy machine,
     where OpenMP threads of several processes thrash); the previous count is restored after."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """`one_torch_thread` for a whole test."""
+    with one_torch_thread():
+        yield
 
 
 def _forked_cli(args: list[str], log: str, new_session: bool) -> None:
@@ -245,10 +256,6 @@ def reference_run(basetemp: Path) -> tuple[dict[str, Video], str, Path]:
     if not (out / "summary.json").exists():
         from vss_lightning import cli
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_torch_thread():
             cli.main(predict_args(pattern, out))
-        finally:
-            torch.set_num_threads(threads)
     return videos, pattern, out

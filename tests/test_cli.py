@@ -14,10 +14,17 @@ import typing
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from PIL import Image
-from shards import done_records, forked_cli, label_files, predict_args, reference_run, subprocess_env
+from shards import (
+    done_records,
+    forked_cli,
+    label_files,
+    one_torch_thread,
+    predict_args,
+    reference_run,
+    subprocess_env,
+)
 
 from vss_lightning import cli
 from vss_lightning.data.datamodule import VideoShardDataModule
@@ -189,12 +196,8 @@ def test_predict_rerun_skips_and_a_killed_run_resumes(tmp_path, tmp_path_factory
     mtimes = {rel: (out / rel).stat().st_mtime_ns for rel in labels}
     with monkeypatch.context() as m:  # in this process (the script's own start is tested elsewhere)
         m.setattr(sys, "argv", ["lightning", *predict_args(shards, out)])
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_torch_thread():
             cli.lightning_main()
-        finally:
-            torch.set_num_threads(torch_threads)
     total = _summary(out)["total"]
     assert (total["videos"], total["skipped_videos"], total["skipped_frames"]) == (0, len(videos), n_frames)
     assert {rel: (out / rel).stat().st_mtime_ns for rel in labels} == mtimes
@@ -211,12 +214,8 @@ def test_predict_rerun_skips_and_a_killed_run_resumes(tmp_path, tmp_path_factory
     assert proc.exitcode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     done_at_kill = len(list(resumed.glob("*/DONE")))
     assert 1 <= done_at_kill < len(videos), "the run should have been killed midway"
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         cli.main(predict_args(shards, resumed))  # the restart, in this process
-    finally:
-        torch.set_num_threads(torch_threads)
     total = _summary(resumed)["total"]
     assert total["skipped_videos"] == done_at_kill and total["videos"] == len(videos) - done_at_kill
     assert label_files(resumed) == labels  # no missing, no extra frame; the same bytes as uninterrupted

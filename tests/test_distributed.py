@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import webdataset as wds
 from shards import (
     corrupt_jpeg_sample,
@@ -22,6 +21,7 @@ from shards import (
     label_files,
     make_video,
     one_thread,  # noqa: F401 (fixture)
+    one_torch_thread,
     predict_args,
     reference_run,
     subprocess_env,
@@ -90,12 +90,8 @@ def test_sigkill_midway_then_restart_completes_exactly(reference, tmp_path):
     done_at_kill = len(list(out.glob("*/DONE")))
     assert 1 <= done_at_kill < len(videos), "the run should have been killed midway"
     # Restart with another world size (one process, here): labels do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         cli.main(predict_args(shards, out))
-    finally:
-        torch.set_num_threads(threads)
     total = _summary(out)["total"]
     assert total["skipped_videos"] == done_at_kill
     assert total["videos"] + total["skipped_videos"] == len(videos)

@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 from PIL import EpsImagePlugin, Image
-from shards import jpeg, make_video, predict_args, write_shard
+from shards import jpeg, make_video, one_torch_thread, predict_args, write_shard
 
 from data_tools.__main__ import main as data_tools_main
 from vss_lightning import cli
@@ -175,14 +175,9 @@ def test_hostile_shards_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     good_b = clip_sample("good_b", ["b0", "b1"], seed=2)
     write_tar(shards / "s-000001.tar", [("big.meta.json", MAX_META_BYTES + 1), *tar_members(good_b)])
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.raises(SystemExit) as e:  # hostile samples fail alone; the job finishes the rest
-            cli.main(predict_args(str(shards / "s-*.tar"), out))
-        assert e.value.code == cli.EXIT_SOME_FAILED
-    finally:
-        torch.set_num_threads(threads)
+    with one_torch_thread(), pytest.raises(SystemExit) as e:  # hostile samples fail alone; the rest finish
+        cli.main(predict_args(str(shards / "s-*.tar"), out))
+    assert e.value.code == cli.EXIT_SOME_FAILED
 
     assert not marker.exists()
     summary = json.loads((out / "summary.json").read_text())

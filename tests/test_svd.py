@@ -12,6 +12,7 @@ import yaml
 from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
+from shards import one_torch_thread
 from tolerance import assert_equal_up_to_rounding
 
 from vss_lightning import cli
@@ -38,10 +39,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:Us
 def _one_thread():
     """One torch thread: the tiny models gain little from two, and on a busy machine the OpenMP
     threads of parallel test processes thrash (measured: 12 s instead of 97 s for two tests)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ and a recorded q/k is gathered to the units' rows only inside its own layer's ca
 from __future__ import annotations
 
 import math
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionControl, decoder_block_layer, installed_processors, is_temporal
+from .clock import StageClock
 from .sampler import PassRecord, Sampler
 from .scoring import LabelVote, add_unit_votes, upsample_labels
 
@@ -115,36 +115,6 @@ def latent_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # The parts of the modulation stage that `Modulation.labels` clocks (seconds), in order: the UNet runs of
 # the units (with building them), the VAE decodes, and the difference maps with the running argmax.
 MODULATION_CLOCKS = ("modulation_unet", "modulation_decode", "modulation_scoring")
-
-
-class StageClock:
-    """Adds the wall-clock seconds since the previous lap to named entries of a dict.
-
-    On CUDA it synchronises the device before each reading (the queued kernels must be finished for
-    the time to be theirs); with no dict it neither reads the clock nor synchronises.
-
-    Args:
-        seconds: stage name -> seconds to add to, or None for no clock.
-        device: the device whose kernels are timed.
-    """
-
-    def __init__(self, seconds: dict[str, float] | None, device: torch.device) -> None:
-        self.seconds = seconds
-        self.device = device
-        self._t = self._now() if seconds is not None else 0.0
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        """Add the seconds since the previous lap (or the start) to `stage`."""
-        if self.seconds is None:
-            return
-        now = self._now()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
-        self._t = now
 
 
 # A group of scored units: final latents (2n: the + units then the - units), frames (n,), masks (n, h, w)

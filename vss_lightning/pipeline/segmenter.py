@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -31,12 +30,12 @@ import torch
 from .attention import AttentionControl
 from .backbone import Backbone, StableDiffusion
 from .budget import MemoryModel, free_device_memory
+from .clock import StageClock
 from .context import CONTEXT_CLOCKS, SceneContextModel, linf_normalize, per_frame_kmeans, resize_gt_to_grid
 from .modulation import Modulation, ModulationSettings
 from .naming import ClassNamer, NamingSettings, build_namer
 from .refine import correspondence_refine
 from .sampler import (
-    DEFAULT_MAX_BATCH_IMAGES,
     LoadedModels,
     Sampler,
     compile_decoder,
@@ -218,11 +217,10 @@ class VideoSegmenter:
             use_compile_cache_dir(speed.compile_cache_dir)
             vae.decoder = compile_decoder(vae.decoder)
         free = free_device_memory(self._loaded.device) if speed.max_batch_images == "auto" else None
-        budget = DEFAULT_MAX_BATCH_IMAGES if speed.max_batch_images == "auto" else speed.max_batch_images
         self._sampler = self.backbone.make_sampler(
             self._loaded,
             self.modulation,
-            replace(speed, max_batch_images=budget),
+            speed,  # the sampler reads `max_batch_images: auto` as its default until `_fit_budget`
             num_inference_steps=self.sampling.num_inference_steps,
             start_step=self.sampling.noise_step,
             guidance_scale=self.sampling.guidance_scale,
@@ -401,18 +399,9 @@ class VideoSegmenter:
         emitted = context_frames
         control = AttentionControl()
 
-        def tick(stage: str, t0: float) -> float:
-            """Add the seconds since `t0` to `stage`; the time now (0.0 without clocks)."""
-            if seconds is None:
-                return 0.0
-            if dev.type == "cuda":  # stage times need the queued kernels finished
-                torch.cuda.synchronize(dev)
-            now = time.perf_counter()
-            seconds[stage] = seconds.get(stage, 0.0) + now - t0
-            return now
-
+        clock = StageClock(seconds, dev)
         for start in batch_starts(t_total, c.batch_size):
-            t0 = time.perf_counter() if seconds is not None else 0.0
+            clock.restart()  # the consumer's time between batches counts for no stage
             end = min(start + c.batch_size, t_total)
             # (B, 3, H', W') in [-1, 1]
             x = resize_to_multiple(frames[start:end].to(dev), fr.size_multiple, fr.resize)
@@ -427,7 +416,7 @@ class VideoSegmenter:
             gen = torch.Generator().manual_seed(noise_seed(self.seed, key, start))
             noise = torch.randn(z0.shape, generator=gen, dtype=torch.float32)
             zt = sm.add_noise(z0.float(), noise.to(dev))
-            t0 = tick("encode", t0)
+            clock.lap("encode")
             # what the pass keeps for the modulation (q/k, a UNet prefix) the family set up in `load`
             namer = self._namer
             captures = {namer.step: namer.layer_names} if namer is not None else None
@@ -436,29 +425,28 @@ class VideoSegmenter:
             )
             feats, cbr_feats = self._features(record, size)
             grid = tuple(feats.shape[1:3])
-            t0 = tick("features", t0)
+            clock.lap("features")
             scores = None
             if namer is not None:  # matrix products on the stored queries, no UNet pass
                 scores = namer.scores(record.captured.pop(namer.step), grid)
-                t0 = tick("naming", t0)
-            context_start = t0
+                clock.lap("naming")
             kmeans_clock, knn_clock = CONTEXT_CLOCKS
             if per_frame:
                 coarse = per_frame_kmeans(
                     feats, c.num_clusters, c.kmeans_n_init, self.seed, self.speed.kmeans_backend
                 )
-                t0 = tick(kmeans_clock, t0)
+                context = clock.lap(kmeans_clock)
             else:
+                context = 0.0
                 if not ctx.initialised:
                     gt = None
                     if first_frame_gt is not None:
                         gt = resize_gt_to_grid(first_frame_gt.to(dev).long(), grid)
                     ctx.initialise(feats, gt)
-                    t0 = tick(kmeans_clock, t0)
+                    context = clock.lap(kmeans_clock)
                 coarse = ctx.predict(feats)
-                t0 = tick(knn_clock, t0)
-            if seconds is not None:  # the whole stage: its parts' sum, no second reading
-                seconds["context"] = seconds.get("context", 0.0) + t0 - context_start
+                context += clock.lap(knn_clock)
+            clock.add("context", context)  # the whole stage: its parts' sum, no second reading
             r = self.refinement
             if r.enabled:
                 coarse = correspondence_refine(
@@ -466,7 +454,7 @@ class VideoSegmenter:
                 )
             if not per_frame:
                 ctx.update(feats, coarse)
-            t0 = tick("cbr", t0)
+            clock.lap("cbr")
             # Frames before `new` were emitted by the previous batch (the overlapping last batch) or
             # are context only (`context_frames`): they are not modulated or decoded again.
             new = max(emitted, start) - start
@@ -474,11 +462,11 @@ class VideoSegmenter:
             # `modulation` is the whole stage; `labels` adds its parts (`modulation.MODULATION_CLOCKS`)
             full = self._modulation.labels(record, coarse, size, (h_in, w_in), first=new, clocks=seconds)
             del record
-            t0 = tick("modulation", t0)
+            clock.lap("modulation")
             # the "resize" stage (kept for logs and benchmarks) is now only the copy of the labels
             # to the CPU: the resize to the frames' size happens inside the modulation's argmax
             labels, coarse_out = full.cpu(), coarse[new:].cpu()
-            tick("resize", t0)
+            clock.lap("resize")
             yield BatchLabels(
                 indices=list(range(start + new, end)),
                 labels=labels,
