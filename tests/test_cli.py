@@ -17,6 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 from shards import (
+    SIZE,
     done_records,
     forked_cli,
     label_files,
@@ -179,7 +180,7 @@ def test_predict_rerun_skips_and_a_killed_run_resumes(tmp_path, tmp_path_factory
     assert set(labels) == expected
     for rel in labels:
         img = Image.open(out / rel)
-        assert img.mode == "L" and img.size == (192, 128)
+        assert img.mode == "L" and img.size == SIZE[::-1]
     assert {v: d["frames"] for v, d in done_records(out).items()} == {
         v: len(x.frames) for v, x in videos.items()
     }

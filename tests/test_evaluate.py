@@ -17,6 +17,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from shards import SIZE
 
 from vss_lightning.data.format import IGNORE_INDEX, VideoMeta, encode_png, encode_sample
 from vss_lightning.evaluate import EvaluationError, evaluate
@@ -402,10 +403,11 @@ def test_missing_video_and_frame_in_label_shards_behave_as_missing_pngs(predicte
     tar_out.mkdir()
     [tar] = sorted(tars.glob("labels-rank*.tar"))
     _copy_tar_without(tar, tar_out / tar.name, ("b__", "a__c0001.00000.label.png"))
+    size = f"{SIZE[0]}x{SIZE[1]}"
     for pred in (png_out, tar_out):
         with pytest.raises(
             EvaluationError,
-            match=r"Expected a prediction .* \(128x192\) for labelled frame 'a_f0004' of video 'a', but it "
+            match=rf"Expected a prediction .* \({size}\) for labelled frame 'a_f0004' of video 'a', but it "
             r"is missing. Predict every labelled frame, or pass `--missing as-wrong`",
         ):
             evaluate(str(pred), gt)
@@ -425,7 +427,7 @@ def test_missing_video_and_frame_in_label_shards_behave_as_missing_pngs(predicte
     _copy_tar_without(tar, tar_out / tar.name, ("b__",))  # only "b" missing: the error names it
     proc = run_cli("--pred", str(tar_out), "--gt", gt)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"prediction in the label shards {str(tar_out / 'labels-rank*.tar')!r} (128x192)" in proc.stderr
+    assert f"prediction in the label shards {str(tar_out / 'labels-rank*.tar')!r} ({size})" in proc.stderr
     assert "frame 'b_f0000' of video 'b'" in proc.stderr
 
 

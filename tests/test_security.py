@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 from PIL import EpsImagePlugin, Image
-from shards import jpeg, make_video, one_torch_thread, predict_args, write_shard
+from shards import SIZE, jpeg, make_video, one_torch_thread, predict_args, write_shard
 
 from data_tools.__main__ import main as data_tools_main
 from vss_lightning import cli
@@ -315,12 +315,13 @@ def test_size_limit_is_checked_from_the_header_without_pil_warnings() -> None:
 
 
 def test_sample_pixels_and_frames_are_bounded_before_decoding(tmp_path: Path) -> None:
-    write_shard(tmp_path / "x-000000.tar", [clip_sample("long", ["f0", "f1", "f2"])])  # 3 x 128 x 192
-    (got,) = read_all(str(tmp_path / "x-000000.tar"), max_sample_pixels=2 * 128 * 192)
+    h, w = SIZE
+    write_shard(tmp_path / "x-000000.tar", [clip_sample("long", ["f0", "f1", "f2"])])  # 3 frames of h x w
+    (got,) = read_all(str(tmp_path / "x-000000.tar"), max_sample_pixels=2 * h * w)
     assert isinstance(got, FailedSample) and "--max-frames-per-clip" in got.error
     (got,) = read_all(str(tmp_path / "x-000000.tar"), max_frames=2)
     assert isinstance(got, FailedSample) and "at most 2 frames" in got.error
-    (got,) = read_all(str(tmp_path / "x-000000.tar"), max_pixels=128 * 191)
+    (got,) = read_all(str(tmp_path / "x-000000.tar"), max_pixels=h * (w - 1))
     assert isinstance(got, FailedSample) and "--data.max_pixels" in got.error
 
 

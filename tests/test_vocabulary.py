@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shards import one_thread  # noqa: F401
+from shards import SIZE, one_thread  # noqa: F401
 from sklearn.metrics import adjusted_rand_score
 from test_wandb import wandb_offline  # noqa: F401
 
@@ -296,7 +296,7 @@ def test_predict_writes_prototypes_then_fit_apply_evaluate_run_end_to_end(tmp_pa
     from vss_lightning.evaluate import evaluate
 
     videos, shards, out = local_labels.videos, local_labels.shards, local_labels.png
-    grid = 8 * 12  # the tiny backbone's feature grid of the 128 x 192 synthetic frames
+    grid = (SIZE[0] // 16) * (SIZE[1] // 16)  # the tiny backbone's feature grid of the synthetic frames
     for vid, video in videos.items():
         p = load_prototypes(out / vid / PROTOTYPES)
         done = json.loads((out / vid / "DONE").read_text())
