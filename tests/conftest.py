@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny backbone, real data paths (skipped with a reason when absent)."""
+"""Shared fixtures: the tiny backbone, real data paths (skipped with a reason when absent); the
+background jobs of the collected tests start when collection ends (`background.py`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,20 @@ SHARED_DATA = Path(
 )
 SWAN = SHARED_DATA / "swan"
 CAMVID = SHARED_DATA / "camvid" / "0006R0"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the fresh-interpreter jobs the selected tests declare, so that they run beside the tests."""
+    import background
+
+    if background.enabled() and not session.config.option.collectonly:
+        background.start(background.jobs_of(session.items))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import background
+
+    background.stop_all()
 
 
 @pytest.fixture(autouse=True)

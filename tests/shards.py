@@ -192,7 +192,7 @@ def _forked_cli(args: list[str], log: str, new_session: bool) -> None:
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         for handler in getattr(logger, "handlers", []):  # made under the parent's output capture
             if type(handler) is logging.StreamHandler:
-                handler.setStream(sys.stderr)
+                handler.stream = sys.stderr  # not setStream: it flushes the old one, maybe closed
     torch.set_num_threads(1)
     faulthandler.dump_traceback_later(240, file=sys.stderr)  # a hung child says where, in its log
     from vss_lightning import cli

@@ -11,12 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from background import Command, register, result
 from shards import CONFIGS, subprocess_env
 
 from vss_lightning import cli, cli_schema, cli_schema_build
 
 # In-process CLI calls pass `args` while pytest's own argv is set: Lightning warns, harmlessly.
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+# The full parser's answers come from a fresh interpreter started when collection ends (`_render`).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning"),
+    pytest.mark.background_job("cli_render"),
+]
 
 SMOKE = str(CONFIGS / "smoke.yaml")
 HEAVY = ("torch", "lightning", "diffusers", "jsonargparse")
@@ -153,38 +158,48 @@ HELP_CASES = [  # the first is the plain help (`fresh["help"]`)
 ]
 
 
-@pytest.fixture(scope="module")
-def fresh(tmp_path_factory) -> dict:
-    """A snapshot rendered now by the full parser (also saved as `path`), and the full path's output."""
-    folder = tmp_path_factory.mktemp("cli_schema")
+def _committed() -> dict | None:
+    try:
+        return json.loads(cli_schema.SCHEMA_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+@register("cli_render")
+def _render(folder: Path) -> Command:
+    """RENDER in a fresh interpreter, with a stale snapshot (so `cli.main` falls back to the full parser)."""
     stale = folder / "stale.json"
     stale.write_text(json.dumps({"format": cli_schema.FORMAT, "versions": {"lightning": "0.0"}}))
     env = subprocess_env(VSS_LIGHTNING_CACHE="off", VSS_LIGHTNING_SCHEMA=str(stale))
     env.pop("COLUMNS", None)
-    cases = print_config_cases(folder)
-    values = value_error_cases(folder)
+    cases, values = print_config_cases(folder), value_error_cases(folder)
     argvs = cases["fast"] + cases["deferred"] + values["refused"] + values["deferred"]
     # The committed snapshot when it describes this installation (its source hash and library versions
     # match: `test_the_committed_snapshot_is_current`); otherwise one rendered now (another resolution of
     # the dependencies, or a snapshot not yet rewritten), so these tests compare the fast path with the
     # full parser either way.
-    try:
-        committed = json.loads(cli_schema.SCHEMA_FILE.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        committed = None
-    build = "reuse" if cli_schema.stale_reason(committed) is None else "build"
-    done = subprocess.run([sys.executable, "-c", RENDER, json.dumps(argvs), json.dumps(HELP_CASES),
-                           json.dumps(values["lightning"]), build], capture_output=True, text=True, env=env,
-                          timeout=600)  # fmt: skip
+    build = "reuse" if cli_schema.stale_reason(_committed()) is None else "build"
+    argv = [sys.executable, "-c", RENDER, json.dumps(argvs), json.dumps(HELP_CASES),
+            json.dumps(values["lightning"]), build]  # fmt: skip
+    return Command(argv, env)
+
+
+@pytest.fixture(scope="module")
+def fresh() -> dict:
+    """A snapshot rendered now by the full parser (also saved as `path`), and the full path's output."""
+    done = result("cli_render")
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["schema"] = result["schema"] or committed
-    result["cases"], result["values"] = cases, values
-    result["print_config"] = dict(zip(map(tuple, argvs), result.pop("printed"), strict=True))
-    result["lightning"] = dict(zip(map(tuple, values["lightning"]), result["lightning"], strict=True))
-    result["path"] = folder / "fresh.json"
-    result["path"].write_text(cli_schema_build.dumps(result["schema"]), encoding="utf-8")
-    return result
+    folder = done.folder
+    cases, values = print_config_cases(folder), value_error_cases(folder)  # the job's command lines
+    argvs = cases["fast"] + cases["deferred"] + values["refused"] + values["deferred"]
+    rendered = json.loads(done.stdout.strip().splitlines()[-1])
+    rendered["schema"] = rendered["schema"] or _committed()
+    rendered["cases"], rendered["values"] = cases, values
+    rendered["print_config"] = dict(zip(map(tuple, argvs), rendered.pop("printed"), strict=True))
+    rendered["lightning"] = dict(zip(map(tuple, values["lightning"]), rendered["lightning"], strict=True))
+    rendered["path"] = folder / "fresh.json"
+    rendered["path"].write_text(cli_schema_build.dumps(rendered["schema"]), encoding="utf-8")
+    return rendered
 
 
 def test_the_committed_snapshot_is_current():

@@ -41,7 +41,8 @@ def test_two_jobs_on_one_folder_label_each_video_once_with_the_bytes_of_one_job(
     jobs = [forked_cli(predict_args(pattern, shared), log) for log in logs]
     for job, log in zip(jobs, logs, strict=True):
         job.join(timeout=400)
-        assert job.exitcode == 0, log.read_text()[-3000:]
+        failed = json.loads((shared / "summary.json").read_text()).get("failed") if job.exitcode else None
+        assert job.exitcode == 0, f"{log.read_text()[-3000:]}\nfailed: {failed}"
     # One uninterrupted job alone, in this process: the reference bytes.
     single = tmp_path / "single"
     cli.main(predict_args(pattern, single))  # one torch thread (`one_thread`)

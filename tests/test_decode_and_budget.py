@@ -131,7 +131,7 @@ def test_the_segmenter_compiles_the_decoder_once_with_the_same_labels(monkeypatc
     assert isinstance(compiled.sampler.bb.vae.decoder, torch._dynamo.OptimizedModule)
     assert os.environ[COMPILE_CACHE_ENV] == str(tmp_path / "cache")
     g = torch.Generator().manual_seed(0)
-    for size in ((128, 192), (192, 128)):
+    for size in ((64, 128), (128, 64)):  # two frame sizes: one compile
         frames = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=g)
         a = eager.segment(frames, key="v:0").labels
         b = compiled.segment(frames, key="v:0").labels

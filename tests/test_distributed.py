@@ -6,21 +6,25 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import webdataset as wds
+from background import Command, register, result
 from shards import (
+    CLIP_FRAMES,
+    UNEVEN,
     corrupt_jpeg_sample,
     done_records,
     empty_sample,
     forked_cli,
     label_files,
+    make_shards,
     make_video,
     one_thread,  # noqa: F401 (fixture)
+    one_torch_thread,
     predict_args,
     reference_run,
     subprocess_env,
@@ -50,44 +54,59 @@ def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def test_ddp_killed_midway_then_resumed_labels_every_video_once_with_the_same_bytes(reference, tmp_path):
-    """`vss-lightning` with two `ddp` ranks (Lightning's launcher starts rank 1 as a second run of the
-    script), SIGKILLed with their DataLoader workers once a video is done; then the same command with
-    `ddp_fork` (a forked child of this process that forks its ranks: no interpreter start to wait for)
-    finishes the job: each video labelled once, the bytes of one uninterrupted process."""
-    videos, shards, single = reference
-    out, log = tmp_path / "ddp", tmp_path / "killed.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen(
-            _ddp(shards, out), env=subprocess_env(), stdout=sink, stderr=sink, start_new_session=True
-        )
-        deadline = time.monotonic() + 240
-        while not list(out.glob("*/DONE")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        alive = proc.poll() is None
-        os.killpg(proc.pid, signal.SIGKILL)  # both ranks and their DataLoader workers
-        proc.wait()
-    assert alive, log.read_text()[-3000:]
-    done_at_kill = len(list(out.glob("*/DONE")))
-    assert 1 <= done_at_kill < len(videos), "the run should have been killed midway"
+@register("ddp")
+def _ddp_job(folder: Path) -> Command:
+    """`vss-lightning predict` with two `ddp` ranks on the uneven shards (Lightning's launcher starts
+    rank 1 as a second run of the script: two fresh interpreters, hence a background job)."""
+    make_shards(folder / "shards", UNEVEN, clip_frames=CLIP_FRAMES)  # the bytes `reference_run` writes
+    pattern = str(folder / "shards" / "test-{000000..000003}.tar")
+    return Command(_ddp(pattern, folder / "out"), subprocess_env())
 
-    fork_ddp = ("--trainer.strategy", "ddp_fork", "--trainer.devices", "2", "--data.num_workers", "2")
-    resumed = forked_cli(predict_args(shards, out, *fork_ddp), tmp_path / "resumed.log")
-    resumed.join(timeout=300)
-    assert resumed.exitcode == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+
+@pytest.mark.background_job("ddp")
+def test_two_processes_label_every_video_once_with_the_same_bytes(reference):
+    videos, _, single = reference
+    done = result("ddp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.folder / "out"
     summary = _summary(out)
     assert summary["complete"] and summary["world_size"] == 2 and summary["missing_ranks"] == []
     per_rank = {r["rank"]: r for r in summary["per_rank"]}
     assert set(per_rank) == {0, 1} and all(r["run_id"] == summary["run_id"] for r in per_rank.values())
-    # rank 0 reads shards 0 and 2 (5 videos), rank 1 shards 1 and 3 (2 videos), in both runs
-    assert {k: r["videos"] + r["skipped_videos"] for k, r in per_rank.items()} == {0: 5, 1: 2}
-    # Each video once: what the first run finished is skipped, the rest labelled (a duplicate or a lost
-    # video would break the count), with the bytes of one process (labels do not depend on the rank).
+    # Each video once: the ranks' counts add up to exactly the input (a duplicate would exceed it).
     total = summary["total"]
-    assert total["skipped_videos"] == done_at_kill and total["videos"] == len(videos) - done_at_kill
+    assert total["videos"] == len(videos) == sum(r["videos"] for r in per_rank.values())
+    assert total["clips"] == 9 and total["frames"] == sum(len(v.frames) for v in videos.values())
+    assert per_rank[0]["videos"] == 5 and per_rank[1]["videos"] == 2  # rank 0: shards 0, 2; rank 1: 1, 3
     assert total["failed"] == 0
+    # Labels do not depend on the rank or the world size.
     assert label_files(out) == single
     assert len(done_records(out)) == len(videos)
+
+
+def test_sigkill_midway_then_restart_completes_exactly(reference, tmp_path):
+    """Two ranks (`ddp_fork`: the job is a forked child of this process and forks its ranks, so no
+    interpreter starts; `ddp` itself is run by the test above) SIGKILLed with their DataLoader workers
+    once a video is done, then a restart in one process completes the job exactly."""
+    videos, shards, single = reference
+    out, log = tmp_path / "killed", tmp_path / "killed.log"
+    fork_ddp = ("--trainer.strategy", "ddp_fork", "--trainer.devices", "2", "--data.num_workers", "2")
+    proc = forked_cli(predict_args(shards, out, *fork_ddp), log, new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*/DONE")) and proc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.is_alive(), log.read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and DataLoader worker
+    proc.join()
+    done_at_kill = len(list(out.glob("*/DONE")))
+    assert 1 <= done_at_kill < len(videos), "the run should have been killed midway"
+    # Restart with another world size (one process, here): labels do not depend on it.
+    with one_torch_thread():
+        cli.main(predict_args(shards, out))
+    total = _summary(out)["total"]
+    assert total["skipped_videos"] == done_at_kill
+    assert total["videos"] + total["skipped_videos"] == len(videos)
+    assert label_files(out) == single  # no missing and no extra frame, the same bytes
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 

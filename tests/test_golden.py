@@ -66,8 +66,16 @@ def _hash(files: dict[str, bytes]) -> str:
     return digest.hexdigest()
 
 
+# The default suite checks SVD on one clip (each SVD case costs ~10 s of its ~5 min); `-m slow` adds
+# the other.
+CASES = [
+    pytest.param(*case, marks=pytest.mark.slow) if case == ("smoke_svd.yaml", "camvid") else case
+    for case in sorted(GOLDEN)
+]
+
+
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize(("config", "clip"), sorted(GOLDEN))
+@pytest.mark.parametrize(("config", "clip"), CASES)
 def test_labels_match_the_golden_hashes(config: str, clip: str, tmp_path: Path) -> None:
     video = _clip(clip, SIZES[(config, clip)], NUM_FRAMES[config])
     shard = write_shard(tmp_path / "shards" / "golden-000000.tar", video_samples(video))

@@ -42,14 +42,13 @@ def test_swan_one_batch_at_full_size(swan_frames):
     assert set(res.seconds) >= {"encode", "features", "context", "cbr", "modulation"}
 
 
-def test_swan_full_method_is_deterministic(swan_frames):
-    # The modulated method on the real clip, downscaled so that the CPU run takes seconds.
+def test_swan_full_method_picks_each_frames_labels_among_its_coarse_labels(swan_frames):
+    # The modulated method on the real clip, downscaled so that the CPU run takes seconds. Determinism
+    # run to run is pinned by tests/test_golden.py (in another process) and test_module.py (in one).
     small = torch.nn.functional.interpolate(swan_frames.float(), size=(128, 256), mode="area").round().byte()
     seg = _segmenter(speed=SpeedSettings(max_batch_images=64))
     a = seg.segment(small, key="swan:0")
-    b = seg.segment(small, key="swan:0")
     assert a.labels.shape == (14, 128, 256) and a.coarse.shape == (14, 8, 16)
-    assert torch.equal(a.labels, b.labels)
     for t in range(14):
         assert set(a.labels[t].unique().tolist()) <= set(a.coarse[t].unique().tolist())
     assert len(a.labels.unique()) >= 2
@@ -59,24 +58,24 @@ def test_camvid_several_batches_first_frame_gt(camvid_clip):
     frames, gt = camvid_clip
     frames = frames[:18]  # batches start at 0, 8 and 10 (the last overlaps)
     seg = _segmenter(batch_size=8, modulation=NO_MODULATION)
-    emitted = []
+    emitted, classes = [], set()
     state = VideoState()
     for out in seg.iter_segment(frames, first_frame_gt=gt[0], state=state, key="0006R0:0"):
         emitted.extend(out.indices)
         assert out.labels.shape[1:] == (360, 480)
+        classes |= set(out.labels.unique().tolist())
     assert emitted == list(range(18))
-    res = seg.segment(frames, first_frame_gt=gt[0], key="0006R0:0")
-    frame1_classes = set(gt[0].unique().tolist()) - {255}
-    assert set(res.labels.unique().tolist()) <= frame1_classes
+    assert classes <= set(gt[0].unique().tolist()) - {255}  # the first frame's classes only
     # the context memory is one batch: 8 frames x (20 x 28) grid points at most
     assert state.context and int(state.context["memory_labels"].numel()) <= 8 * 20 * 28
 
 
 def test_camvid_modulated_labels_are_a_subset_of_the_coarse_labels(camvid_clip):
     frames, _ = camvid_clip
+    half = torch.nn.functional.interpolate(frames[:6].float(), size=(180, 240), mode="area").round().byte()
     seg = _segmenter(batch_size=4, speed=SpeedSettings(max_batch_images=64))
-    res = seg.segment(frames[:6], key="0006R0:0")  # batches at 0 and 2 (overlap)
-    assert res.labels.shape == (6, 360, 480)
+    res = seg.segment(half, key="0006R0:0")  # batches at 0 and 2 (overlap)
+    assert res.labels.shape == (6, 180, 240)
     for t in range(6):
         assert set(res.labels[t].unique().tolist()) <= set(res.coarse[t].unique().tolist())
 
@@ -220,9 +219,10 @@ def test_settings_are_checked_when_built():
 
 def test_channels_last_gives_the_same_labels(camvid_clip):
     frames, _ = camvid_clip
-    a = _segmenter(batch_size=2, speed=SpeedSettings(max_batch_images=64)).segment(frames[:2], key="v:0")
+    half = torch.nn.functional.interpolate(frames[:2].float(), size=(180, 240), mode="area").round().byte()
+    a = _segmenter(batch_size=2, speed=SpeedSettings(max_batch_images=64)).segment(half, key="v:0")
     speed = SpeedSettings(max_batch_images=64, channels_last=True)
-    b = _segmenter(batch_size=2, speed=speed).segment(frames[:2], key="v:0")
+    b = _segmenter(batch_size=2, speed=speed).segment(half, key="v:0")
     a, b = a.labels, b.labels
     assert (a == b).float().mean() > 0.999
 
