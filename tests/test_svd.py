@@ -393,16 +393,15 @@ def test_configs_parse_without_loading_weights(name, capsys, monkeypatch):
 
 def test_swan_segments_with_full_size_labels(swan_frames):
     # The real clip, downscaled so the CPU run takes seconds; 80x150 is resized to 64x128 inside.
-    # Seven frames in one batch of seven; two blending steps instead of the method's eight (each is a
-    # UNet call, ~0.6 s of the tiny SVD on 2 cores). Run to run determinism and the method's settings:
-    # tests/test_golden.py pins the labels of the SVD smoke config (in another process, across runs).
+    # Seven frames in one batch of seven. Run to run determinism: tests/test_golden.py pins the labels
+    # of the SVD smoke config (in another process, so across runs).
     frames = swan_frames[:7]
     small = torch.nn.functional.interpolate(frames.float(), size=(80, 150), mode="area").round().byte()
     seg = VideoSegmenter(
         backbone=TinyStableVideoDiffusion(seed=0),
         sampling=SamplingSettings(noise_step=17, guidance_scale=2.5),
         context=ContextSettings(batch_size=7, num_clusters=3, kmeans_n_init=2),
-        modulation=svd_modulation_settings(blend_steps=[17, 18]),
+        modulation=svd_modulation_settings(),
         speed=SpeedSettings(max_batch_images=56, reuse_prefix=False),
     ).load("cpu")
     a = seg.segment(small, key="swan:0")
