@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ class Finished:
 
 @dataclass
 class _Running:
-    proc: subprocess.Popen
+    proc: subprocess.Popen | None  # None: the job could not start (`finished` says why)
     folder: Path
     stdout: Path
     stderr: Path
@@ -98,12 +99,23 @@ def start(names: Iterable[str]) -> None:
             raise KeyError(f"No background job named {name!r}; known: {sorted(_COMMANDS)}.")
         folder = _root() / name
         folder.mkdir(parents=True)
-        command = _COMMANDS[name](folder)
         stdout, stderr = folder / "job.stdout", folder / "job.stderr"
-        with stdout.open("wb") as out, stderr.open("wb") as err:
-            proc = subprocess.Popen(
-                command.argv, env=command.env, cwd=command.cwd, stdout=out, stderr=err, start_new_session=True
-            )  # its own process group: `stop_all` reaches what it starts (DDP ranks, DataLoader workers)
+        try:
+            command = _COMMANDS[name](folder)
+            with stdout.open("wb") as out, stderr.open("wb") as err:
+                # in a process group of its own: `stop_all` reaches what it starts (ranks, workers)
+                proc = subprocess.Popen(
+                    command.argv,
+                    env=command.env,
+                    cwd=command.cwd,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                )
+        except Exception:  # the job's test fails with this, not the whole session
+            _RUNNING[name] = _Running(None, folder, stdout, stderr)
+            _RUNNING[name].finished = Finished(-1, "", traceback.format_exc(), folder)
+            continue
         _RUNNING[name] = _Running(proc, folder, stdout, stderr)
 
 
@@ -126,7 +138,7 @@ def result(name: str, timeout: float = 600.0) -> Finished:
 
 
 def _kill(job: _Running) -> None:
-    if job.proc.poll() is None:
+    if job.proc is not None and job.proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.proc.pid, signal.SIGKILL)
         job.proc.wait()
