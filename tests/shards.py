@@ -240,6 +240,17 @@ def predict_args(shards: str, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def uneven_pattern(folder: Path) -> str:
+    """The brace pattern of the uneven shards in `folder`."""
+    return str(folder / f"test-{{000000..{len(UNEVEN) - 1:06d}}}.tar")
+
+
+def write_uneven_shards(folder: Path) -> str:
+    """Write the uneven shards (`UNEVEN`, clips of `CLIP_FRAMES`) in `folder`; returns their pattern."""
+    make_shards(folder, UNEVEN, clip_frames=CLIP_FRAMES)
+    return uneven_pattern(folder)
+
+
 def reference_run(basetemp: Path) -> tuple[dict[str, Video], str, Path]:
     """The uneven shards and their labels from one uninterrupted job (`cli.main` in this process, one
     torch thread).
@@ -249,11 +260,9 @@ def reference_run(basetemp: Path) -> tuple[dict[str, Video], str, Path]:
     """
     root = basetemp / "uneven"
     shards, out = root / "shards", root / "single"
-    if not shards.exists():
-        make_shards(shards, UNEVEN, clip_frames=CLIP_FRAMES)
+    pattern = write_uneven_shards(shards) if not shards.exists() else uneven_pattern(shards)
     flat = [video for shard in UNEVEN for video in shard]
     videos = {vid: make_video(vid, n, seed=i) for i, (vid, n) in enumerate(flat)}  # as make_shards made them
-    pattern = str(shards / "test-{000000..000003}.tar")
     if not (out / "summary.json").exists():
         from vss_lightning import cli
 

@@ -158,6 +158,13 @@ HELP_CASES = [  # the first is the plain help (`fresh["help"]`)
 ]
 
 
+def _cases(folder: Path) -> tuple[dict, dict, list[list[str]]]:
+    """The `--print_config` and refused-value cases (their files written in `folder`), and every
+    command line of both that the full parser renders, in order."""
+    cases, values = print_config_cases(folder), value_error_cases(folder)
+    return cases, values, cases["fast"] + cases["deferred"] + values["refused"] + values["deferred"]
+
+
 def _committed() -> dict | None:
     try:
         return json.loads(cli_schema.SCHEMA_FILE.read_text(encoding="utf-8"))
@@ -172,8 +179,7 @@ def _render(folder: Path) -> Command:
     stale.write_text(json.dumps({"format": cli_schema.FORMAT, "versions": {"lightning": "0.0"}}))
     env = subprocess_env(VSS_LIGHTNING_CACHE="off", VSS_LIGHTNING_SCHEMA=str(stale))
     env.pop("COLUMNS", None)
-    cases, values = print_config_cases(folder), value_error_cases(folder)
-    argvs = cases["fast"] + cases["deferred"] + values["refused"] + values["deferred"]
+    cases, values, argvs = _cases(folder)
     # The committed snapshot when it describes this installation (its source hash and library versions
     # match: `test_the_committed_snapshot_is_current`); otherwise one rendered now (another resolution of
     # the dependencies, or a snapshot not yet rewritten), so these tests compare the fast path with the
@@ -190,8 +196,7 @@ def fresh() -> dict:
     done = result("cli_render")
     assert done.returncode == 0, done.stderr[-3000:]
     folder = done.folder
-    cases, values = print_config_cases(folder), value_error_cases(folder)  # the job's command lines
-    argvs = cases["fast"] + cases["deferred"] + values["refused"] + values["deferred"]
+    cases, values, argvs = _cases(folder)  # the job's command lines (its input files written again)
     rendered = json.loads(done.stdout.strip().splitlines()[-1])
     rendered["schema"] = rendered["schema"] or _committed()
     rendered["cases"], rendered["values"] = cases, values

@@ -14,14 +14,11 @@ import pytest
 import webdataset as wds
 from background import Command, register, result
 from shards import (
-    CLIP_FRAMES,
-    UNEVEN,
     corrupt_jpeg_sample,
     done_records,
     empty_sample,
     forked_cli,
     label_files,
-    make_shards,
     make_video,
     one_thread,  # noqa: F401 (fixture)
     one_torch_thread,
@@ -31,6 +28,7 @@ from shards import (
     truncate,
     video_samples,
     write_shard,
+    write_uneven_shards,
 )
 
 from vss_lightning import cli
@@ -58,8 +56,7 @@ def _summary(out: Path) -> dict:
 def _ddp_job(folder: Path) -> Command:
     """`vss-lightning predict` with two `ddp` ranks on the uneven shards (Lightning's launcher starts
     rank 1 as a second run of the script: two fresh interpreters, hence a background job)."""
-    make_shards(folder / "shards", UNEVEN, clip_frames=CLIP_FRAMES)  # the bytes `reference_run` writes
-    pattern = str(folder / "shards" / "test-{000000..000003}.tar")
+    pattern = write_uneven_shards(folder / "shards")  # the bytes `reference_run` writes
     return Command(_ddp(pattern, folder / "out"), subprocess_env())
 
 
